@@ -1,0 +1,32 @@
+"""phi3edge: run Microsoft Phi-3 / Phi-3.5 on your own machine, answering cloud-style chat completions.
+
+The in-process client is imported lazily so that ``phi3edge.export`` and the fixtures work without
+loading onnxruntime-genai.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from phi3edge.errors import ApiError
+
+__all__ = [
+    "ApiError",
+    "AssistantMessage",
+    "ChatCompletionsClient",
+    "SystemMessage",
+    "UserMessage",
+    "__version__",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("ChatCompletionsClient", "SystemMessage", "UserMessage", "AssistantMessage"):
+        from phi3edge import client
+
+        return getattr(client, name)
+    if name == "__version__":
+        from importlib.metadata import version
+
+        return version("phi3edge")
+    raise AttributeError(f"module 'phi3edge' has no attribute {name!r}")

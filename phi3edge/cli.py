@@ -1,0 +1,196 @@
+"""Command line: ``phi3edge demo | export | random-checkpoint | info | chat | serve``.
+
+Every command prints progress to stderr and results to stdout; bad input ends with a one-line
+``error: ...`` and exit status 2 (1 for a failure while working).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DEMO_PROMPT = "Write a haiku about running language models on a laptop."
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cache_dir() -> Path:
+    """Where built-in random models are kept (PHI3EDGE_CACHE or ~/.cache/phi3edge)."""
+    return Path(os.environ.get("PHI3EDGE_CACHE", Path.home() / ".cache" / "phi3edge"))
+
+
+def tiny_demo_model(precision: str = "int4") -> Path:
+    """Build (once) the built-in tiny random-weight Phi-3-mini-4k and its export."""
+    from phi3edge import export, fixtures
+
+    root = cache_dir() / "demo"
+    checkpoint = root / "tiny-phi-3-mini-4k-random"
+    exported = root / f"tiny-phi-3-mini-4k-random-{precision}"
+    if not (checkpoint / "config.json").exists():
+        _progress(f"building a tiny random-weight Phi-3-mini-4k checkpoint in {checkpoint}")
+        fixtures.write_random_checkpoint("phi-3-mini-4k", checkpoint, size="tiny")
+    if not (exported / export.MANIFEST).exists():
+        export.export(checkpoint, exported, precision=precision, progress=_progress)
+    return exported
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from phi3edge.client import ChatCompletionsClient, UserMessage
+
+    model_dir = Path(args.model) if args.model else tiny_demo_model()
+    if not args.model:
+        _progress(
+            "NOTE: this model has random weights (real ones cannot be downloaded here), "
+            "so the text below is noise; the request path is the real one."
+        )
+    client = ChatCompletionsClient(model_dir, threads=args.threads)
+    response = client.complete(
+        messages=[UserMessage(args.prompt)], max_tokens=args.max_tokens, temperature=0.7, seed=7
+    )
+    print(json.dumps(response.as_dict(), indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from phi3edge.export import export
+
+    export(args.source, args.out, precision=args.precision, block_size=args.block_size,
+           progress=_progress)
+    return 0
+
+
+def cmd_random_checkpoint(args: argparse.Namespace) -> int:
+    from phi3edge.fixtures import write_random_checkpoint
+
+    _progress(f"writing a {args.size} random-weight {args.arch} checkpoint to {args.out}")
+    path = write_random_checkpoint(args.arch, args.out, size=args.size, seed=args.seed)
+    print(path)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from phi3edge import catalog
+
+    if args.catalog or not args.model:
+        print(catalog.describe())
+        return 0
+    from phi3edge.export import Manifest
+
+    manifest = Manifest.read(args.model)
+    print(json.dumps(manifest.__dict__, indent=2))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from phi3edge.client import ChatCompletionsClient
+
+    client = ChatCompletionsClient(args.model, threads=args.threads)
+    history: list[dict[str, str]] = []
+    _progress("type a message; an empty line ends the chat")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            return 0
+        if not line.strip():
+            return 0
+        history.append({"role": "user", "content": line})
+        reply = []
+        for update in client.complete(messages=history, stream=True, max_tokens=args.max_tokens):
+            for choice in update.choices:
+                if choice.delta.content:
+                    reply.append(choice.delta.content)
+                    print(choice.delta.content, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from phi3edge.server import serve
+
+    serve(args.model, host=args.host, port=args.port,
+          api_key=args.api_key or os.environ.get("PHI3EDGE_API_KEY"), threads=args.threads)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="phi3edge", description="Run Phi-3 / Phi-3.5 models locally (INT4 ONNX, CPU)."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="export the built-in tiny random model and answer one chat")
+    demo.add_argument("--model", help="an exported model folder instead of the tiny random one")
+    demo.add_argument("--prompt", default=DEMO_PROMPT)
+    demo.add_argument("--max-tokens", type=int, default=32)
+    demo.add_argument("--threads", type=int, default=None)
+    demo.set_defaults(func=cmd_demo)
+
+    exp = sub.add_parser("export", help="Hugging Face checkpoint -> INT4/fp32 ONNX folder")
+    exp.add_argument("source", help="checkpoint folder or hub id (owner/name)")
+    exp.add_argument("out", help="output folder (must not exist or be empty)")
+    exp.add_argument("--precision", choices=["int4", "fp32"], default="int4")
+    exp.add_argument("--block-size", type=int, default=32, help="INT4 quantization block size")
+    exp.set_defaults(func=cmd_export)
+
+    rnd = sub.add_parser("random-checkpoint", help="write a random-weight Phi-3 checkpoint")
+    rnd.add_argument("arch", help="catalog id, e.g. phi-3-mini-4k (see `phi3edge info --catalog`)")
+    rnd.add_argument("out")
+    rnd.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    rnd.add_argument("--seed", type=int, default=0)
+    rnd.set_defaults(func=cmd_random_checkpoint)
+
+    info = sub.add_parser("info", help="the family catalog, or an exported model's manifest")
+    info.add_argument("model", nargs="?")
+    info.add_argument("--catalog", action="store_true")
+    info.set_defaults(func=cmd_info)
+
+    chat = sub.add_parser("chat", help="interactive chat with an exported model")
+    chat.add_argument("model")
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--threads", type=int, default=None)
+    chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="serve the chat-completions API over HTTP")
+    serve.add_argument("model")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    serve.add_argument("--api-key", default=None, help="require this key (or PHI3EDGE_API_KEY)")
+    serve.add_argument("--threads", type=int, default=None)
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from phi3edge.catalog import UnknownModelError
+    from phi3edge.errors import ApiError
+    from phi3edge.export import ExportError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (ExportError, UnknownModelError, FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ApiError as exc:
+        print(f"error: {exc.status} {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

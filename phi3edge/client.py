@@ -1,0 +1,128 @@
+"""In-process client with the method names and result shapes of azure-ai-inference's client.
+
+Code written for the cloud endpoint changes one constructor::
+
+    client = ChatCompletionsClient("models/phi-3-mini-4k-int4")      # instead of (endpoint, cred)
+    response = client.complete(messages=[UserMessage("Hi")], temperature=0)
+
+Input: messages (dicts, the message classes below, or any object with ``role``/``content``) and the
+cloud's parameters, directly or in ``model_extras`` (Phi-3's ``logit_bias``, ``logprobs``,
+``top_logprobs``, ``n``). Output: ``ChatCompletions`` or an iterator of streaming updates.
+Errors: ``ApiError`` with the status, code and param the HTTP shim would send.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from phi3edge.errors import bad_request
+from phi3edge.schema import (
+    AZURE_PARAMETERS,
+    PHI3_EXTRA_PARAMETERS,
+    ChatCompletions,
+    ModelInfo,
+    StreamingChatCompletionsUpdate,
+    parse_request,
+)
+from phi3edge.service import ChatService
+
+
+@dataclass
+class ChatRequestMessage:
+    """A chat message (same fields as azure.ai.inference.models' message classes)."""
+
+    content: Any
+    role: str = "user"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"role": self.role, "content": self.content}
+
+
+class SystemMessage(ChatRequestMessage):
+    def __init__(self, content: Any) -> None:
+        super().__init__(content, "system")
+
+
+class UserMessage(ChatRequestMessage):
+    def __init__(self, content: Any) -> None:
+        super().__init__(content, "user")
+
+
+class AssistantMessage(ChatRequestMessage):
+    def __init__(self, content: Any) -> None:
+        super().__init__(content, "assistant")
+
+
+_KNOWN = AZURE_PARAMETERS | PHI3_EXTRA_PARAMETERS
+
+
+class ChatCompletionsClient:
+    """Answer chat completions from an exported model folder, in this process."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        threads: int | None = None,
+        model_extras: dict[str, Any] | None = None,
+        **defaults: Any,
+    ) -> None:
+        _check_names(defaults)
+        self._service = ChatService(model_dir, threads=threads)
+        self._defaults = defaults
+        self._model_extras = dict(model_extras or {})
+
+    def get_model_info(self) -> ModelInfo:
+        return self._service.model_info()
+
+    def complete(
+        self,
+        body: dict[str, Any] | None = None,
+        *,
+        messages: list[Any] | None = None,
+        stream: bool | None = None,
+        model_extras: dict[str, Any] | None = None,
+        **params: Any,
+    ) -> ChatCompletions | Iterator[StreamingChatCompletionsUpdate]:
+        """Like ``azure.ai.inference.ChatCompletionsClient.complete``; ``stream=True`` -> updates."""
+        _check_names(params)
+        request_body: dict[str, Any] = {**self._defaults, **(body or {})}
+        request_body.update(params)
+        if messages is not None:
+            request_body["messages"] = messages
+        if stream is not None:
+            request_body["stream"] = stream
+        request_body.update(model_extras if model_extras is not None else self._model_extras)
+        request_body["messages"] = [_message_dict(m) for m in request_body.get("messages") or []]
+        request = parse_request(request_body, route="azure", extra_parameters="pass-through")
+        if request.stream:
+            return self._service.stream(request)
+        return self._service.complete(request)
+
+    def close(self) -> None:
+        """Present for parity with the Azure client; the model is freed with the client."""
+
+    def __enter__(self) -> ChatCompletionsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_names(params: dict[str, Any]) -> None:
+    for name in params:
+        if name not in _KNOWN:
+            raise bad_request(f"unknown parameter '{name}'", param=name, code="unknown_parameter")
+
+
+def _message_dict(message: Any) -> Any:
+    if isinstance(message, dict):
+        return message
+    if hasattr(message, "as_dict"):
+        return message.as_dict()
+    if hasattr(message, "role") and hasattr(message, "content"):
+        return {"role": str(getattr(message.role, "value", message.role)), "content": message.content}
+    return message  # schema validation reports it with its index

@@ -1,0 +1,46 @@
+"""The one error type every layer raises for a request that cannot be answered.
+
+``ApiError`` carries what the HTTP shim sends: status, code, message and the offending parameter.
+The in-process client raises it directly, so both paths fail the same way.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+
+class ApiError(Exception):
+    """A request failed; ``status`` is the HTTP status the cloud endpoint would answer with."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+
+    def as_dict(self) -> dict[str, Any]:
+        """The error body: ``{"error": {"code", "message", "param", "status"}}``."""
+        return {
+            "error": {
+                "code": self.code,
+                "message": self.message,
+                "param": self.param,
+                "status": self.status,
+            }
+        }
+
+    def __repr__(self) -> str:
+        phrase = HTTPStatus(self.status).phrase if self.status in HTTPStatus._value2member_map_ else ""
+        return f"ApiError({self.status} {phrase}, code={self.code!r}, param={self.param!r}: {self.message})"
+
+
+def bad_request(message: str, param: str | None = None, code: str = "invalid_request") -> ApiError:
+    """400: the request is malformed or a value is out of range."""
+    return ApiError(400, code, message, param)
+
+
+def not_supported(message: str, param: str | None = None) -> ApiError:
+    """422: the request is valid but this model cannot do what it asks."""
+    return ApiError(422, "parameter_not_supported", message, param)

@@ -1,0 +1,245 @@
+"""Hugging Face Phi-3 checkpoint -> ONNX folder that onnxruntime-genai loads.
+
+Input: a local checkpoint folder or a Hugging Face hub id, an output folder, a precision.
+Output: the builder's model.onnx(+data), genai_config.json (with our thread settings) and tokenizer
+files, plus ``phi3edge.json``: catalog id, precision, block size, context length, system-role support
+and the source checksum. The folder appears only when complete (built in a temporary sibling, renamed).
+Errors: ``ExportError`` with a one-line message for every bad input.
+
+The conversion itself is onnxruntime-genai's model builder (``onnxruntime_genai.models.builder``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from phi3edge import catalog
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "phi3edge.json"
+PRECISIONS = ("int4", "fp32")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+DEFAULT_BLOCK_SIZE = 32
+
+
+class ExportError(RuntimeError):
+    """An export could not start or did not finish; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What phi3edge.json records about an exported folder."""
+
+    catalog_id: str
+    hf_id: str
+    precision: str
+    block_size: int | None
+    context_length: int
+    accepts_system_role: bool
+    source: str
+    source_sha256: str
+    phi3edge_version: str
+    onnxruntime_genai_version: str
+
+    def write(self, folder: Path) -> None:
+        (folder / MANIFEST).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, folder: str | Path) -> Manifest:
+        path = Path(folder) / MANIFEST
+        try:
+            return cls(**json.loads(path.read_text("utf-8")))
+        except FileNotFoundError:
+            raise ExportError(
+                f"{folder} is not a phi3edge model folder (no {MANIFEST}); "
+                "make one with `phi3edge export`"
+            ) from None
+
+
+def export(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    precision: str = "int4",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Convert ``source`` (folder or hub id) into ``out`` and return ``out``."""
+    say = progress or log.info
+    out = Path(out)
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "int4" and block_size not in BLOCK_SIZES:
+        raise ExportError(f"block size must be one of {BLOCK_SIZES}, not {block_size}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"output {out} already exists and is not an empty folder")
+
+    started = time.monotonic()
+    source_dir = _resolve_source(str(source), say)
+    config = _read_config(source_dir)
+    try:
+        member = catalog.identify(config)
+    except catalog.UnknownModelError as exc:
+        raise ExportError(f"{source}: {exc}") from None
+    if not member.exports_on_cpu:
+        raise ExportError(f"{member.id} cannot be exported for CPU: {member.cpu_note}")
+    say(f"exporting {member.id} from {source_dir} to {precision} ONNX")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        _run_builder(source_dir, staging, precision, block_size, say)
+        checksum = source_checksum(source_dir)
+        Manifest(
+            catalog_id=member.id,
+            hf_id=member.hf_id,
+            precision=precision,
+            block_size=block_size if precision == "int4" else None,
+            context_length=int(config["max_position_embeddings"]),
+            accepts_system_role=member.accepts_system_role,
+            source=str(source),
+            source_sha256=checksum,
+            phi3edge_version=_version("phi3edge"),
+            onnxruntime_genai_version=_version("onnxruntime-genai"),
+        ).write(staging)
+        staging.chmod(0o755)
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    say(f"done in {time.monotonic() - started:.1f} s: {out}")
+    return out
+
+
+def _resolve_source(source: str, say: Callable[[str], None]) -> Path:
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ExportError(f"{source} has no config.json: not a Hugging Face checkpoint folder")
+        return path
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise ExportError(f"{source}: no such folder (and not a hub id of the form owner/name)")
+    say(f"downloading {source} from the Hugging Face hub")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model"]))
+    except Exception as exc:  # network, auth, missing repo: all one line for the user
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"cannot download {source} from the hub: {reason}") from None
+
+
+def _read_config(source_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((source_dir / "config.json").read_text("utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportError(f"cannot read {source_dir / 'config.json'}: {exc}") from None
+
+
+def _run_builder(
+    source_dir: Path, out: Path, precision: str, block_size: int, say: Callable[[str], None]
+) -> None:
+    """Run onnxruntime-genai's builder, turning its prints into progress lines."""
+    import onnxruntime_genai.models  # noqa: F401  (puts the builder's own folder on sys.path)
+    import builder  # type: ignore[import-not-found]
+
+    options = [f"block_size={block_size}"] if precision == "int4" else []
+    with tempfile.TemporaryDirectory(prefix="phi3edge-builder-cache-") as cache_dir:
+        with _builder_output_as_progress(say), _quiet_quantizer_logs():
+            extra = builder.parse_extra_options(
+                None, str(source_dir), str(out), precision, "cpu", cache_dir, options
+            )
+            builder.create_model(
+                None, str(source_dir), str(out), precision, "cpu", cache_dir, **extra
+            )
+
+
+class _LineForwarder(io.TextIOBase):
+    """A stdout stand-in that forwards the builder's 'Reading layer N' lines as progress."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self._say = say
+        self._buffer = ""
+
+    def write(self, text: str) -> int:
+        self._buffer += text
+        while "\n" in self._buffer:
+            line, self._buffer = self._buffer.split("\n", 1)
+            line = line.strip()
+            if line.startswith(("Reading", "Saving GenAI", "Saving ONNX", "Quantizing")):
+                self._say(f"  builder: {line}")
+        return len(text)
+
+
+@contextlib.contextmanager
+def _builder_output_as_progress(say: Callable[[str], None]) -> Iterator[None]:
+    with contextlib.redirect_stdout(_LineForwarder(say)):
+        yield
+
+
+class _NoProgressBars(io.TextIOBase):
+    """A stderr stand-in that drops progress-bar redraws and passes everything else on."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+
+    def write(self, text: str) -> int:
+        if "\r" not in text and "it/s]" not in text and "%|" not in text:
+            self._target.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._target.flush()
+
+
+@contextlib.contextmanager
+def _quiet_quantizer_logs() -> Iterator[None]:
+    names = ("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.quantization")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    original = sys.stderr
+    sys.stderr = _NoProgressBars(original)  # per-tensor bars; our progress lines replace them
+    try:
+        yield
+    finally:
+        sys.stderr = original
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def source_checksum(source_dir: Path) -> str:
+    """sha256 over config.json and the weight files (name + content), in name order."""
+    digest = hashlib.sha256()
+    files = sorted(source_dir.glob("*.safetensors")) + sorted(source_dir.glob("*.bin"))
+    for path in [source_dir / "config.json", *files]:
+        digest.update(path.name.encode())
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown"

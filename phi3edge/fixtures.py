@@ -1,0 +1,186 @@
+"""Random-weight Phi-3 checkpoints with the exact (or a scaled-down) real architecture.
+
+Input: a catalog id, a size (``full`` = the published architecture, ``tiny`` = same class, rope type,
+LongRoPE factor shape and grouped-query layout with a few narrow layers) and an output folder.
+Output: an ordinary Hugging Face folder (config.json, generation_config.json, model.safetensors,
+tokenizer.json, tokenizer_config.json) that loads through exactly the code a real checkpoint does.
+Errors: ``UnknownModelError`` for a name outside the family, ``ValueError`` for members whose
+architecture cannot be built here (see the catalog's ``cpu_note``), ``FileExistsError`` for a
+non-empty output folder.
+
+Real weights cannot be downloaded on our machines, so tests and benchmarks get their models here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from phi3edge import catalog
+from phi3edge.tokenizer_fixture import build_phi3_tokenizer, phi3_tokenizer_config
+
+log = logging.getLogger(__name__)
+
+# Trailing keys the partial mini-128k config lacks; Phi-3.5-mini (same shape) has these values and
+# copies derived from the April-2024 upload show the same (data/phi3-family/SOURCES.md).
+_MINI_LONG_TRAILING = {
+    "rope_theta": 10000.0,
+    "sliding_window": 262144,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "attention_bias": False,
+    "vocab_size": 32064,
+}
+
+# tiny: heads keep the real head_dim (so LongRoPE lists keep their length) and the real
+# query/kv group ratio; context keeps the real long/original ratio.
+_TINY = {"num_hidden_layers": 2, "intermediate_size": 256}
+_TINY_ORIGINAL_CONTEXT = 256
+
+
+def buildable_members() -> list[str]:
+    """Members whose exact architecture we can build with random weights."""
+    return [m.id for m in catalog.CATALOG if _full_config_or_none(m) is not None]
+
+
+def checkpoint_config(member_id: str, size: str = "tiny") -> dict[str, Any]:
+    """The config.json of a random checkpoint of ``member_id`` at ``size``."""
+    member = catalog.get(member_id)
+    config = _full_config_or_none(member)
+    if config is None:
+        raise ValueError(
+            f"cannot build a random {member.id} checkpoint: "
+            f"{member.cpu_note or 'its published config is incomplete'}"
+        )
+    if size == "full":
+        return config
+    if size != "tiny":
+        raise ValueError(f"size must be 'tiny' or 'full', not {size!r}")
+    head_dim = member.head_dim
+    group = member.num_heads // member.num_kv_heads
+    kv_heads = 1 if group > 1 else 2
+    heads = kv_heads * group
+    config.update(_TINY)
+    config["num_attention_heads"] = heads
+    config["num_key_value_heads"] = kv_heads
+    config["hidden_size"] = heads * head_dim
+    if member.uses_longrope:
+        ratio = member.context_length // member.original_context_length
+        config["original_max_position_embeddings"] = _TINY_ORIGINAL_CONTEXT
+        config["max_position_embeddings"] = _TINY_ORIGINAL_CONTEXT * ratio
+    else:
+        config["max_position_embeddings"] = 2048
+        config["original_max_position_embeddings"] = 2048
+        if config.get("sliding_window"):
+            config["sliding_window"] = 2047
+    return config
+
+
+def _full_config_or_none(member: catalog.FamilyMember) -> dict[str, Any] | None:
+    if member.architecture != "Phi3ForCausalLM":
+        return None  # Phi-3-small needs remote code; PhiMoE's rope lists are incomplete
+    config = copy.deepcopy(member.published_config())
+    if member.id == "phi-3-mini-128k":
+        for key, value in _MINI_LONG_TRAILING.items():
+            config.setdefault(key, value)
+    if "rope_scaling" not in config or "vocab_size" not in config:
+        return None  # medium-128k: rope lists incomplete
+    config.pop("auto_map", None)  # transformers has Phi-3 built in; no remote code
+    config["phi3edge_catalog_id"] = member.id
+    return config
+
+
+def write_random_checkpoint(
+    member_id: str, out: str | Path, size: str = "tiny", seed: int = 0
+) -> Path:
+    """Write a random-weight checkpoint folder and return its path.
+
+    Weights are written one tensor group at a time (bf16 for ``full``, fp32 for ``tiny``), so a
+    full-size Phi-3-medium never needs its whole float32 state in memory.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output folder {out} is not empty")
+    config = checkpoint_config(member_id, size)
+    member = catalog.get(member_id)
+    full = size == "full"
+    config["torch_dtype"] = "bfloat16" if full else "float32"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".phi3edge-ckpt-", dir=out.parent))
+    staging.chmod(0o755)
+    try:
+        rng = torch.Generator().manual_seed(seed)
+        shards: dict[str, str] = {}
+        for index, tensors in enumerate(_random_tensors(config, rng, bf16=full)):
+            name = f"model-{index:05d}.safetensors"
+            save_file(tensors, str(staging / name), metadata={"format": "pt"})
+            shards.update(dict.fromkeys(tensors, name))
+            log.info("wrote %s (%d tensors)", name, len(tensors))
+        index_json = {"metadata": {}, "weight_map": shards}
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=1))
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        generation = catalog.load_data_json("generation-configs.json")
+        gen = (generation.get(member.hf_id.split("/")[1]) or {}).get("current") or {
+            "bos_token_id": 1,
+            "eos_token_id": [32000, 32001, 32007],
+            "pad_token_id": 32000,
+        }
+        gen = {k: v for k, v in gen.items() if k != "transformers_version"}
+        (staging / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        template = catalog.chat_templates()[member.hf_id.split("/")[1]]["chat_template"]
+        build_phi3_tokenizer().save(str(staging / "tokenizer.json"))
+        tokenizer_config = phi3_tokenizer_config(template, config["max_position_embeddings"])
+        (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _random_tensors(config: dict[str, Any], rng: Any, bf16: bool) -> Iterator[dict[str, Any]]:
+    """Yield the checkpoint's tensors grouped per layer, in Phi3ForCausalLM's naming."""
+    import torch
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    kv_heads = config["num_key_value_heads"]
+    head_dim = hidden // heads
+    inter = config["intermediate_size"]
+    vocab = config["vocab_size"]
+    std = config.get("initializer_range", 0.02)
+
+    def normal(*shape: int) -> Any:
+        return (torch.randn(shape, generator=rng) * std).to(dtype)
+
+    def ones(n: int) -> Any:
+        return (1.0 + 0.1 * torch.randn(n, generator=rng)).to(dtype)
+
+    yield {"model.embed_tokens.weight": normal(vocab, hidden)}
+    qkv_rows = (heads + 2 * kv_heads) * head_dim
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        yield {
+            p + "input_layernorm.weight": ones(hidden),
+            p + "post_attention_layernorm.weight": ones(hidden),
+            p + "self_attn.qkv_proj.weight": normal(qkv_rows, hidden),
+            p + "self_attn.o_proj.weight": normal(hidden, hidden),
+            p + "mlp.gate_up_proj.weight": normal(2 * inter, hidden),
+            p + "mlp.down_proj.weight": normal(hidden, inter),
+        }
+    yield {"model.norm.weight": ones(hidden), "lm_head.weight": normal(vocab, hidden)}
+

@@ -1,0 +1,199 @@
+"""One loaded model answering validated chat requests, as whole responses or as chunk streams.
+
+Input: a ``ChatRequest`` (already validated by ``schema.parse_request``).
+Output: ``ChatCompletions`` or an iterator of ``StreamingChatCompletionsUpdate``.
+Errors: ``ApiError`` (404 for a model name that is not this model, 400 for context overflow, ...).
+
+Both the in-process client and the HTTP shim go through here, so their answers are identical.
+Requests are served one at a time per model (a lock); the HTTP layer bounds how many wait.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from phi3edge import engine, runtime
+from phi3edge.catalog import get as catalog_member
+from phi3edge.engine import ChoiceStep, TokenLogprob
+from phi3edge.errors import ApiError
+from phi3edge.prompt import build_prompt
+from phi3edge.schema import (
+    ChatChoice,
+    ChatCompletions,
+    ChatRequest,
+    ChatResponseMessage,
+    ChoiceLogprobs,
+    CompletionsUsage,
+    ModelInfo,
+    StreamingChatChoiceUpdate,
+    StreamingChatCompletionsUpdate,
+    StreamingChatResponseMessageUpdate,
+    TopLogprob,
+)
+from phi3edge.schema import TokenLogprob as WireTokenLogprob
+
+log = logging.getLogger(__name__)
+
+
+class ChatService:
+    """A loaded model plus the request/response plumbing around the engine."""
+
+    def __init__(self, model_dir: str | Path, threads: int | None = None) -> None:
+        self.model = runtime.load(model_dir, threads)
+        member = catalog_member(self.model.manifest.catalog_id)
+        self.model_name = member.hf_id.split("/")[1]
+        self._aliases = {
+            a.lower() for a in (self.model_name, member.id, member.hf_id, "phi3edge")
+        }
+        self._lock = threading.Lock()
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(model_name=self.model_name)
+
+    # ------------------------------------------------------------------ whole responses
+
+    def complete(self, request: ChatRequest) -> ChatCompletions:
+        texts: dict[int, list[str]] = {}
+        tokens: dict[int, list[TokenLogprob]] = {}
+        finish: dict[int, str] = {}
+        prompt_tokens, completion_tokens = 0, 0
+        for steps, prompt_tokens, completion_tokens in self._run(request):
+            for step in steps:
+                texts.setdefault(step.index, []).append(step.text)
+                tokens.setdefault(step.index, []).extend(step.tokens)
+                if step.finish_reason:
+                    finish[step.index] = step.finish_reason
+        choices = [
+            ChatChoice(
+                index=i,
+                finish_reason=finish[i],
+                message=ChatResponseMessage(content="".join(texts[i])),
+                logprobs=self._logprobs(tokens[i]) if request.logprobs else None,
+            )
+            for i in range(request.n)
+        ]
+        return ChatCompletions(
+            id=_new_id(),
+            created=_now(),
+            model=self.model_name,
+            choices=choices,
+            usage=_usage(prompt_tokens, completion_tokens),
+        )
+
+    # ------------------------------------------------------------------ streams
+
+    def stream(
+        self,
+        request: ChatRequest,
+        cancelled: Callable[[], bool] | None = None,
+        usage_chunk: bool = False,
+    ) -> Iterator[StreamingChatCompletionsUpdate]:
+        """Chunks: role first, then content deltas, then each choice's finish_reason.
+
+        The last chunk with a finish_reason carries ``usage`` (what the Azure endpoint sends);
+        with ``usage_chunk`` (OpenAI's ``stream_options.include_usage``) usage comes in an extra
+        chunk with no choices instead.
+        """
+        chunk_id, created = _new_id(), _now()
+
+        def chunk(
+            choices: list[StreamingChatChoiceUpdate], usage: CompletionsUsage | None = None
+        ) -> StreamingChatCompletionsUpdate:
+            return StreamingChatCompletionsUpdate(
+                id=chunk_id, created=created, model=self.model_name, choices=choices, usage=usage
+            )
+
+        runs = self._run(request, cancelled)
+        first = next(runs)  # validation and prefill happen before the first chunk is yielded
+        yield chunk(
+            [
+                StreamingChatChoiceUpdate(
+                    index=i, delta=StreamingChatResponseMessageUpdate(role="assistant", content="")
+                )
+                for i in range(request.n)
+            ]
+        )
+        open_choices = request.n
+        for steps, prompt_tokens, completion_tokens in _chain(first, runs):
+            updates = [
+                StreamingChatChoiceUpdate(
+                    index=s.index,
+                    delta=StreamingChatResponseMessageUpdate(content=s.text or None),
+                    finish_reason=s.finish_reason,
+                    logprobs=self._logprobs(s.tokens) if request.logprobs else None,
+                )
+                for s in steps
+                if s.text or s.finish_reason or (request.logprobs and s.tokens)
+            ]
+            open_choices -= sum(1 for s in steps if s.finish_reason)
+            done = open_choices == 0
+            usage = _usage(prompt_tokens, completion_tokens) if done else None
+            if updates:
+                yield chunk(updates, None if usage_chunk else usage)
+            if done and usage_chunk:
+                yield chunk([], usage)
+
+    # ------------------------------------------------------------------ shared
+
+    def _run(
+        self, request: ChatRequest, cancelled: Callable[[], bool] | None = None
+    ) -> Iterator[tuple[list[ChoiceStep], int, int]]:
+        """Validate against this model, then yield (steps, prompt_tokens, completion_tokens)."""
+        if request.model and request.model.lower() not in self._aliases:
+            raise ApiError(
+                404, "model_not_found",
+                f"model '{request.model}' is not served here; this server runs {self.model_name}",
+                "model",
+            )
+        cfg = request.sampling()
+        with self._lock:
+            prompt = build_prompt(self.model, request.messages, cfg.max_tokens)
+            completion_tokens = 0
+            for steps in engine.generate(self.model, prompt, cfg, cancelled):
+                completion_tokens += len(steps)
+                yield steps, len(prompt.ids), completion_tokens
+
+    def _logprobs(self, tokens: list[TokenLogprob]) -> ChoiceLogprobs:
+        table = self.model.table
+        return ChoiceLogprobs(
+            content=[
+                WireTokenLogprob(
+                    token=table.token_text(t.token_id),
+                    logprob=t.logprob,
+                    bytes=list(table.token_bytes(t.token_id)),
+                    top_logprobs=[
+                        TopLogprob(
+                            token=table.token_text(i), logprob=lp, bytes=list(table.token_bytes(i))
+                        )
+                        for i, lp in t.top
+                    ],
+                )
+                for t in tokens
+            ]
+        )
+
+
+def _chain(first: tuple, rest: Iterator) -> Iterator:
+    yield first
+    yield from rest
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> CompletionsUsage:
+    return CompletionsUsage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def _new_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)

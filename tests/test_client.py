@@ -1,0 +1,185 @@
+"""The in-process client end to end on tiny random models: shapes, streaming, stops, n, logprobs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from phi3edge import ApiError, AssistantMessage, ChatCompletionsClient, SystemMessage, UserMessage
+from phi3edge.prompt import build_prompt
+from phi3edge.schema import parse_request
+
+HELLO = [UserMessage("Tell me a story about a fox.")]
+
+
+@pytest.fixture(scope="module")
+def client(tiny_int4: Path) -> ChatCompletionsClient:
+    return ChatCompletionsClient(tiny_int4)
+
+
+def _prompt_tokens(model_dir: Path) -> int:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    text = "<|user|>\nTell me a story about a fox.<|end|>\n<|assistant|>\n"
+    return len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def test_response_shape_field_by_field(client: ChatCompletionsClient, tiny_int4: Path) -> None:
+    response = client.complete(messages=HELLO, max_tokens=6, seed=1)
+    body = response.as_dict()
+    assert set(body) == {"id", "object", "created", "model", "choices", "usage"}
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert isinstance(body["created"], int) and body["model"] == "Phi-3-mini-4k-instruct"
+    (choice,) = body["choices"]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
+    assert isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["prompt_tokens"] == _prompt_tokens(tiny_int4)
+    assert response.choices[0].message.content == choice["message"]["content"]
+    assert response.created.timestamp() == body["created"]
+
+
+def test_model_info(client: ChatCompletionsClient) -> None:
+    info = client.get_model_info()
+    assert (info.model_name, info.model_type, info.model_provider_name) == (
+        "Phi-3-mini-4k-instruct", "chat-completions", "Microsoft"
+    )
+
+
+def test_length_finish_and_usage_counts(client: ChatCompletionsClient) -> None:
+    response = client.complete(messages=HELLO, max_tokens=5, temperature=0, logit_bias={32007: -100,
+                                                                                        32000: -100,
+                                                                                        32001: -100})
+    assert response.choices[0].finish_reason == "length"
+    assert response.usage.completion_tokens == 5
+
+
+def test_stream_concatenates_to_the_same_text(client: ChatCompletionsClient) -> None:
+    kwargs = {"messages": HELLO, "max_tokens": 24, "seed": 42, "temperature": 0.9}
+    whole = client.complete(**kwargs)
+    updates = list(client.complete(stream=True, **kwargs))
+    assert updates[0].choices[0].delta.role == "assistant"
+    text = "".join(u.choices[0].delta.content or "" for u in updates if u.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [u.choices[0].finish_reason for u in updates if u.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert updates[-1].usage is not None and updates[-1].usage.as_dict() == whole.usage.as_dict()
+    assert all(u.id == updates[0].id for u in updates)
+    assert {u.as_dict()["object"] for u in updates} == {"chat.completion.chunk"}
+
+
+def test_seed_reproduces_and_n_choices_differ(client: ChatCompletionsClient, tiny_int4) -> None:
+    kwargs = {"messages": HELLO, "max_tokens": 12, "seed": 5, "temperature": 1.0, "n": 3}
+    first, second = client.complete(**kwargs), client.complete(**kwargs)
+    texts = [c.message.content for c in first.choices]
+    assert texts == [c.message.content for c in second.choices]
+    assert len(set(texts)) == 3
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert first.usage.prompt_tokens == _prompt_tokens(tiny_int4)  # counted once
+    single = client.complete(messages=HELLO, max_tokens=12, seed=5, temperature=1.0)
+    assert single.choices[0].message.content == texts[0]  # row 0 uses stream (seed, 0)
+
+
+def test_stop_string_ends_the_choice_and_never_appears(client: ChatCompletionsClient) -> None:
+    free = client.complete(messages=HELLO, max_tokens=30, seed=3, temperature=1.0,
+                           logit_bias={32007: -100})
+    text = free.choices[0].message.content
+    stop = text[5:8]
+    assert len(stop) == 3
+    stopped = client.complete(messages=HELLO, max_tokens=30, seed=3, temperature=1.0,
+                              logit_bias={32007: -100}, stop=[stop])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].message.content == text[: text.index(stop)]
+    streamed = list(client.complete(messages=HELLO, max_tokens=30, seed=3, temperature=1.0,
+                                    logit_bias={32007: -100}, stop=[stop], stream=True))
+    pieces = [u.choices[0].delta.content or "" for u in streamed if u.choices]
+    assert "".join(pieces) == text[: text.index(stop)]
+
+
+def test_logit_bias_forces_a_token(client: ChatCompletionsClient) -> None:
+    table = client._service.model.table
+    token = next(i for i in range(1000, 2000) if table.token_text(i).strip().isalpha())
+    response = client.complete(messages=HELLO, max_tokens=4, logit_bias={str(token): 100},
+                               temperature=1.0, seed=0)
+    assert response.choices[0].message.content.strip() == (table.token_text(token) * 4).strip()
+
+
+def test_model_extras_like_the_azure_sdk(client: ChatCompletionsClient) -> None:
+    response = client.complete(
+        messages=HELLO, max_tokens=3, temperature=0,
+        model_extras={"logprobs": True, "top_logprobs": 2, "n": 2},
+    )
+    assert len(response.choices) == 2
+    assert response.choices[0].message.content == response.choices[1].message.content  # greedy
+    entries = response.choices[0].logprobs.content
+    assert len(entries) == 3 and all(len(e.top_logprobs) == 2 for e in entries)
+
+
+def test_errors_are_api_errors(client: ChatCompletionsClient) -> None:
+    cases = [
+        ({"temperature": 3}, 400, "temperature"),
+        ({"logit_bias": {"40000": 5}}, 400, "logit_bias"),
+        ({"response_format": {"type": "json_object"}}, 422, "response_format"),
+        ({"max_tokens": 5000}, 400, "max_tokens"),
+        ({"model": "gpt-4o"}, 404, "model"),
+        ({"frobnicate": 1}, 400, "frobnicate"),
+    ]
+    for params, status, param in cases:
+        with pytest.raises(ApiError) as info:
+            client.complete(messages=HELLO, **params)
+        assert (info.value.status, info.value.param) == (status, param), params
+    with pytest.raises(ApiError, match="5000"):
+        client.complete(messages=HELLO, max_tokens=5000)
+
+
+def test_system_message_is_folded_into_the_user_turn(client: ChatCompletionsClient) -> None:
+    model = client._service.model
+    request = parse_request(
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "Hi"}]}
+    )
+    ids = build_prompt(model, request.messages, 4).ids
+    expected = model.tokenizer.encode("<|user|>\nBe brief.\n\nHi<|end|>\n<|assistant|>\n")
+    assert ids == [int(t) for t in expected]
+    response = client.complete(
+        messages=[SystemMessage("Be brief."), UserMessage("Hi"), AssistantMessage("Hello"),
+                  {"role": "user", "content": "More"}],
+        max_tokens=2,
+    )
+    assert response.choices[0].finish_reason in ("stop", "length")
+
+
+def test_logprobs_match_the_fp32_models_own_logits(tiny_fp32: Path) -> None:
+    """Greedy tokens and reported logprobs against onnxruntime run on the whole sequence."""
+    import onnxruntime as ort
+
+    fp32 = ChatCompletionsClient(tiny_fp32)
+    response = fp32.complete(messages=HELLO, max_tokens=6, temperature=0, logprobs=True,
+                             top_logprobs=5, logit_bias={32007: -100, 32000: -100, 32001: -100})
+    model = fp32._service.model
+    prompt = build_prompt(model, parse_request({"messages": [m.as_dict() for m in HELLO]}).messages,
+                          6).ids
+    vocab = {model.table.token_text(i): i for i in range(len(model.table))}
+    generated = [vocab[e.token] for e in response.choices[0].logprobs.content]
+    session = ort.InferenceSession(str(tiny_fp32 / "model.onnx"))
+    ids = np.array([prompt + generated], dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for value in session.get_inputs():
+        if value.name.startswith("past_key_values"):
+            feeds[value.name] = np.zeros((1, 2, 0, 96), np.float32)
+    logits = session.run(["logits"], feeds)[0][0].astype(np.float64)
+    for step, entry in enumerate(response.choices[0].logprobs.content):
+        row = logits[len(prompt) - 1 + step].copy()
+        row[[32007, 32000, 32001]] -= 100
+        logp = row - row.max() - np.log(np.exp(row - row.max()).sum())
+        assert generated[step] == int(np.argmax(logp))
+        assert entry.logprob == pytest.approx(logp[generated[step]], abs=1e-4)
+        expected_top = np.argsort(-logp, kind="stable")[:5]
+        assert [vocab[t.token] for t in entry.top_logprobs] == list(expected_top)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(logp[expected_top], abs=1e-4)
+        assert bytes(entry.bytes) == model.table.token_bytes(generated[step])

@@ -1,0 +1,101 @@
+"""Export: manifest, bad inputs as one-line errors, nothing half-written, genai loads the result."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from phi3edge import export
+from phi3edge.cli import main
+
+
+def test_manifest_records_the_export(tiny_int4: Path, model_factory: Callable) -> None:
+    manifest = export.Manifest.read(tiny_int4)
+    assert manifest.catalog_id == "phi-3-mini-4k"
+    assert manifest.precision == "int4"
+    assert manifest.block_size == export.DEFAULT_BLOCK_SIZE
+    assert manifest.context_length == 2048
+    assert manifest.accepts_system_role is False
+    assert manifest.source_sha256 == export.source_checksum(model_factory("phi-3-mini-4k"))
+    assert not list(tiny_int4.parent.glob(".*partial*"))
+
+
+def test_exported_folder_loads_in_onnxruntime_genai(tiny_int4: Path) -> None:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(tiny_int4))
+    tokenizer = og.Tokenizer(model)
+    assert list(tokenizer.encode("<|user|>"))[0] == 32010
+
+
+def _cli_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ")
+    assert not any(line.startswith(("Traceback", "  File")) for line in err)
+    return err[-1]
+
+
+def test_missing_folder(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    err = _cli_error(capsys, "export", str(tmp_path / "nope"), str(tmp_path / "out"))
+    assert "no such folder" in err
+
+
+def test_not_a_phi3_checkpoint(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    src = tmp_path / "llama"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    assert "not a Phi-3" in _cli_error(capsys, "export", str(src), str(tmp_path / "out"))
+
+
+def test_member_without_cpu_export(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    from phi3edge import catalog
+
+    src = tmp_path / "moe"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(catalog.get("phi-3.5-moe").published_config()))
+    err = _cli_error(capsys, "export", str(src), str(tmp_path / "out"))
+    assert "phi-3.5-moe cannot be exported for CPU" in err
+
+
+def test_non_empty_output(capsys: pytest.CaptureFixture, tmp_path: Path, model_factory) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    err = _cli_error(capsys, "export", str(model_factory("phi-3-mini-4k")), str(out))
+    assert "not an empty folder" in err
+    assert (out / "keep").read_text() == "x"
+
+
+def test_hub_unreachable(capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err = _cli_error(capsys, "export", "microsoft/Phi-3-mini-4k-instruct", str(tmp_path / "o"))
+    assert "cannot download microsoft/Phi-3-mini-4k-instruct" in err
+
+
+def test_bad_block_size(capsys, tmp_path: Path, model_factory) -> None:
+    src = str(model_factory("phi-3-mini-4k"))
+    assert "block size" in _cli_error(capsys, "export", src, str(tmp_path / "o"), "--block-size", "7")
+
+
+def test_failed_export_leaves_nothing(tmp_path: Path, model_factory) -> None:
+    src = tmp_path / "broken"
+    shutil.copytree(model_factory("phi-3-mini-4k"), src)
+    for shard in src.glob("model-0000[12].safetensors"):
+        shard.unlink()  # weights missing: the builder fails midway
+    with pytest.raises(Exception):  # noqa: B017 - whatever the builder raises
+        export.export(src, tmp_path / "out", progress=lambda _: None)
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_progress_is_reported(tmp_path: Path, model_factory) -> None:
+    lines: list[str] = []
+    export.export(model_factory("phi-3-mini-4k"), tmp_path / "o", precision="fp32",
+                  progress=lines.append)
+    assert any("Reading layer 1" in line for line in lines)
+    assert lines[-1].startswith("done in")
