@@ -67,11 +67,14 @@ class ChatCompletionsClient:
         model_dir: str | Path,
         *,
         threads: int | None = None,
+        kv_cache_entries: int = 1,
         model_extras: dict[str, Any] | None = None,
         **defaults: Any,
     ) -> None:
+        """``threads``: ONNX Runtime intra-op threads (default: physical cores).
+        ``kv_cache_entries``: conversations whose KV cache is kept for the next turn (0 = off)."""
         _check_names(defaults)
-        self._service = ChatService(model_dir, threads=threads)
+        self._service = ChatService(model_dir, threads=threads, kv_cache_entries=kv_cache_entries)
         self._defaults = defaults
         self._model_extras = dict(model_extras or {})
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -71,15 +72,79 @@ def sampler_params(cfg: SamplingConfig, vocab_size: int) -> _sampling.SamplingPa
     )
 
 
+CACHE_HEADROOM = 1024  # tokens of KV allocated beyond a cached request's own need
+
+
+class PrefixCache:
+    """Keeps the KV cache of the most recent single-choice conversations for reuse.
+
+    A chat resends its whole history every turn. When a new prompt extends what a kept generator
+    already holds, we rewind that generator to the shared prefix (``Generator.rewind_to``) and
+    prefill only the new suffix, as llama.cpp's server does. Logits are bit-identical to a cold
+    prefill (checked by the tests). Not thread-safe: the service serialises requests.
+    """
+
+    def __init__(self, entries: int = 1) -> None:
+        self.entries = entries
+        self._kept: list[tuple[Any, list[int], int]] = []  # (generator, tokens in KV, max_length)
+        self.hits = 0
+        self.reused_tokens = 0
+
+    def take(
+        self, model: LoadedModel, ids: list[int], need: int, allocate: int
+    ) -> tuple[Any, int, int]:
+        """A generator holding a prefix of ``ids``, how long that prefix is, and the generator's
+        capacity; or a fresh generator of ``allocate`` tokens. ``need``: tokens the request uses."""
+        best, best_len = None, 0
+        for entry in self._kept:
+            generator, tokens, capacity = entry
+            if capacity < need:
+                continue
+            common = _common_prefix(tokens, ids)
+            if common > best_len:
+                best, best_len = entry, common
+        if best is None:
+            return _new_generator(model, allocate, 1), 0, allocate
+        self._kept.remove(best)
+        keep = min(best_len, len(ids) - 1)  # at least one token must run to give logits
+        best[0].rewind_to(keep)
+        self.hits += 1
+        self.reused_tokens += keep
+        return best[0], keep, best[2]
+
+    def put(self, generator: Any, max_length: int) -> None:
+        tokens = [int(t) for t in generator.get_sequence(0)]
+        self._kept.insert(0, (generator, tokens, max_length))
+        del self._kept[self.entries :]
+
+    def clear(self) -> None:
+        self._kept.clear()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _new_generator(model: LoadedModel, max_length: int, batch: int) -> Any:
+    import onnxruntime_genai as og
+
+    search = og.GeneratorParams(model.model)
+    search.set_search_options(max_length=max_length, batch_size=batch)
+    return og.Generator(model.model, search)
+
+
 def generate(
     model: LoadedModel,
     prompt: Prompt,
     cfg: SamplingConfig,
     cancelled: Callable[[], bool] | None = None,
+    cache: PrefixCache | None = None,
 ) -> Iterator[list[ChoiceStep]]:
     """Run prefill and decode; yield one list of ``ChoiceStep`` per decode step."""
-    import onnxruntime_genai as og
-
     n = cfg.n
     vocab = model.vocab_size
     params = sampler_params(cfg, vocab)
@@ -90,11 +155,17 @@ def generate(
     ]
     filler = np.int32(min(model.eos_ids))
 
-    search = og.GeneratorParams(model.model)
-    search.set_search_options(max_length=len(prompt.ids) + prompt.max_new_tokens, batch_size=n)
-    generator = og.Generator(model.model, search)
+    max_length = len(prompt.ids) + prompt.max_new_tokens
+    cached = cache is not None and cache.entries > 0 and n == 1
+    if cached:
+        # allocate room for the next turns too, so the next request can reuse this KV
+        allocate = min(model.context_length, max_length + CACHE_HEADROOM)
+        generator, start, max_length = cache.take(model, prompt.ids, max_length, allocate)
+    else:
+        generator, start = _new_generator(model, max_length, n), 0
+    finished = False
     try:
-        generator.append_tokens(np.tile(np.asarray(prompt.ids, dtype=np.int32), (n, 1)))
+        generator.append_tokens(np.tile(np.asarray(prompt.ids[start:], dtype=np.int32), (n, 1)))
         while True:
             logits = generator.get_logits()
             step = _sampling.sample(logits, sample_params, states)
@@ -104,11 +175,14 @@ def generate(
                 if choice.finish_reason is None
             ]
             if all(c.finish_reason for c in choices) or (cancelled and cancelled()):
+                finished = True
                 return
             chosen = np.where([c.finish_reason is None for c in choices], step.tokens, filler)
             generator.set_logits(_sampling.force_logits(chosen.astype(np.int32), vocab))
             generator.generate_next_token()
     finally:
+        if cached and finished:
+            cache.put(generator, max_length)
         del generator
 
 

@@ -43,8 +43,11 @@ log = logging.getLogger(__name__)
 class ChatService:
     """A loaded model plus the request/response plumbing around the engine."""
 
-    def __init__(self, model_dir: str | Path, threads: int | None = None) -> None:
+    def __init__(
+        self, model_dir: str | Path, threads: int | None = None, kv_cache_entries: int = 1
+    ) -> None:
         self.model = runtime.load(model_dir, threads)
+        self.prefix_cache = engine.PrefixCache(kv_cache_entries)
         member = catalog_member(self.model.manifest.catalog_id)
         self.model_name = member.hf_id.split("/")[1]
         self._aliases = {
@@ -154,7 +157,7 @@ class ChatService:
         with self._lock:
             prompt = build_prompt(self.model, request.messages, cfg.max_tokens)
             completion_tokens = 0
-            for steps in engine.generate(self.model, prompt, cfg, cancelled):
+            for steps in engine.generate(self.model, prompt, cfg, cancelled, self.prefix_cache):
                 completion_tokens += len(steps)
                 yield steps, len(prompt.ids), completion_tokens
 

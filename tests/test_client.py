@@ -183,3 +183,37 @@ def test_logprobs_match_the_fp32_models_own_logits(tiny_fp32: Path) -> None:
         assert [vocab[t.token] for t in entry.top_logprobs] == list(expected_top)
         assert [t.logprob for t in entry.top_logprobs] == pytest.approx(logp[expected_top], abs=1e-4)
         assert bytes(entry.bytes) == model.table.token_bytes(generated[step])
+
+
+def test_multi_turn_reuses_the_kv_cache_with_identical_results(tiny_int4: Path) -> None:
+    cached = ChatCompletionsClient(tiny_int4, kv_cache_entries=1)
+    cold = ChatCompletionsClient(tiny_int4, kv_cache_entries=0)
+    history: list[dict[str, str]] = []
+    for turn in range(4):
+        history.append({"role": "user", "content": f"Question number {turn}: why is the sky blue?"})
+        kwargs = {"messages": history, "max_tokens": 8, "seed": turn, "temperature": 0.8,
+                  "logprobs": True, "top_logprobs": 3}
+        a, b = cached.complete(**kwargs), cold.complete(**kwargs)
+        assert a.choices[0].message.content == b.choices[0].message.content
+        assert a.choices[0].logprobs.as_dict() == b.choices[0].logprobs.as_dict()
+        history.append({"role": "assistant", "content": a.choices[0].message.content})
+    cache = cached._service.prefix_cache
+    assert cache.hits == 3 and cache.reused_tokens > 3 * 20
+    assert cold._service.prefix_cache.hits == 0
+
+
+def test_thread_setting_reaches_the_onnxruntime_session(tiny_int4: Path) -> None:
+    """ONNX Runtime starts threads-1 intra-op workers; count the process's OS threads."""
+    import gc
+    import os
+
+    def threads_after_load(threads: int) -> int:
+        client = ChatCompletionsClient(tiny_int4, threads=threads)
+        client.complete(messages=HELLO, max_tokens=1)
+        count = len(os.listdir("/proc/self/task"))
+        del client
+        gc.collect()
+        return count
+
+    one, four = threads_after_load(1), threads_after_load(4)
+    assert four - one == 3
