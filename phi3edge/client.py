@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phi3edge.errors import bad_request
+from phi3edge.errors import ApiError, bad_request
 from phi3edge.schema import (
     AZURE_PARAMETERS,
     PHI3_EXTRA_PARAMETERS,
     ChatCompletions,
+    ChatRequest,
     ModelInfo,
     StreamingChatCompletionsUpdate,
     parse_request,
@@ -91,6 +92,25 @@ class ChatCompletionsClient:
         **params: Any,
     ) -> ChatCompletions | Iterator[StreamingChatCompletionsUpdate]:
         """Like ``azure.ai.inference.ChatCompletionsClient.complete``; ``stream=True`` -> updates."""
+        request = self._request(
+            params, body=body, messages=messages, stream=stream, model_extras=model_extras
+        )
+        if request.stream:
+            return self._service.stream(request)
+        return self._service.complete(request)
+
+    def _request(
+        self,
+        params: dict[str, Any],
+        body: dict[str, Any] | None = None,
+        messages: list[Any] | None = None,
+        stream: bool | None = None,
+        model_extras: dict[str, Any] | None = None,
+    ) -> ChatRequest:
+        """Merge constructor defaults, body, keyword arguments and model_extras; validate."""
+        messages = params.pop("messages", messages)
+        stream = params.pop("stream", stream)
+        model_extras = params.pop("model_extras", model_extras)
         _check_names(params)
         request_body: dict[str, Any] = {**self._defaults, **(body or {})}
         request_body.update(params)
@@ -100,10 +120,26 @@ class ChatCompletionsClient:
             request_body["stream"] = stream
         request_body.update(model_extras if model_extras is not None else self._model_extras)
         request_body["messages"] = [_message_dict(m) for m in request_body.get("messages") or []]
-        request = parse_request(request_body, route="azure", extra_parameters="pass-through")
-        if request.stream:
-            return self._service.stream(request)
-        return self._service.complete(request)
+        return parse_request(request_body, route="azure", extra_parameters="pass-through")
+
+    def complete_batch(self, requests: list[dict[str, Any]]) -> list[ChatCompletions]:
+        """Answer many requests (each a dict of ``complete`` keyword arguments), in order.
+
+        Every request is validated before any runs, so a bad one fails the batch up front with
+        its index in ``ApiError.param``. Requests run one after another on the model (sharing
+        the KV cache when they share a prefix); see README for why they are not yet one batch.
+        """
+        prepared = []
+        for index, params in enumerate(requests):
+            try:
+                request = self._request(dict(params))
+            except ApiError as exc:
+                param = f"requests[{index}]" + (f".{exc.param}" if exc.param else "")
+                raise ApiError(exc.status, exc.code, f"request {index}: {exc.message}", param) from None
+            if request.stream:
+                raise bad_request("complete_batch does not stream", f"requests[{index}].stream")
+            prepared.append(request)
+        return [self._service.complete(request) for request in prepared]
 
     def close(self) -> None:
         """Present for parity with the Azure client; the model is freed with the client."""

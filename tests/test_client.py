@@ -217,3 +217,32 @@ def test_thread_setting_reaches_the_onnxruntime_session(tiny_int4: Path) -> None
 
     one, four = threads_after_load(1), threads_after_load(4)
     assert four - one == 3
+
+
+def test_complete_batch_answers_in_order_like_single_calls(client: ChatCompletionsClient) -> None:
+    requests = [
+        {"messages": [UserMessage(f"Item {i} is")], "max_tokens": 4 + i, "seed": i,
+         "temperature": 0.7}
+        for i in range(4)
+    ]
+    batch = client.complete_batch(requests)
+    singles = [client.complete(**r) for r in requests]
+    assert [b.choices[0].message.content for b in batch] == [
+        s.choices[0].message.content for s in singles
+    ]
+    with pytest.raises(ApiError) as info:
+        client.complete_batch([requests[0], {"messages": HELLO, "top_p": 7}])
+    assert info.value.param == "requests[1].top_p"
+
+
+def test_one_client_from_many_threads(client: ChatCompletionsClient) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(i: int) -> str:
+        r = client.complete(messages=[UserMessage(f"Thread {i}")], max_tokens=6, seed=i,
+                            temperature=1.0)
+        return r.choices[0].message.content
+
+    expected = [ask(i) for i in range(6)]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        assert list(pool.map(ask, range(6))) == expected

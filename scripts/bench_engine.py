@@ -1,0 +1,165 @@
+"""Engine benchmark on full-size random Phi-3-mini-4k INT4: ours vs raw onnxruntime-genai, side by side.
+
+Usage: python scripts/bench_engine.py [--threads 2] [--repeats 3] [--out results/]
+
+Measures in one run (each figure the median of --repeats runs):
+  - raw onnxruntime-genai greedy loop (generate_next_token): prefill tok/s (128/512-token prompts),
+    decode tok/s, with the thread count we set and with the builder's default config;
+  - our engine with every sampling feature on (10 logit_bias ids, presence+frequency penalties,
+    temperature 0.7, top_p 0.9, top_logprobs 20): the same figures; decode ratio = our overhead;
+  - n=4 vs n=1 prefill and total time; cold vs cached time-to-first-token of a chat turn that
+    extends a 1000-token conversation by 50 tokens; 8 requests via complete_batch vs one by one;
+  - peak RSS of this process.
+Speed does not depend on weight values, so these are real figures for Phi-3-mini.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+from benchlib import full_model, machine, median_time, table
+
+from phi3edge import engine, runtime
+from phi3edge.client import ChatCompletionsClient
+from phi3edge.prompt import Prompt
+from phi3edge.schema import SamplingConfig
+
+DECODE_TOKENS = 64
+BANNED = {32000: -100.0, 32001: -100.0, 32007: -100.0}  # keep random weights from stopping early
+ALL_FEATURES = SamplingConfig(
+    temperature=0.7,
+    top_p=0.9,
+    presence_penalty=0.5,
+    frequency_penalty=0.5,
+    logit_bias={**BANNED, **{i: 1.0 for i in range(1000, 1007)}},
+    top_logprobs=20,
+    logprobs=True,
+    seed=1,
+)
+
+
+def prompt_ids(length: int, seed: int = 0) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return [32010, *rng.integers(300, 32000, size=length - 3).tolist(), 32007, 32001]
+
+
+def raw_og(model: runtime.LoadedModel, ids: list[int], new_tokens: int) -> tuple[float, float]:
+    """onnxruntime-genai's own greedy loop: (seconds to first token, decode tok/s)."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model.model)
+    total = len(ids) + new_tokens
+    params.set_search_options(max_length=total, min_length=total, batch_size=1)
+    generator = og.Generator(model.model, params)
+    started = time.perf_counter()
+    generator.append_tokens(np.array([ids], dtype=np.int32))
+    generator.generate_next_token()
+    first = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        generator.generate_next_token()
+    end = time.perf_counter()
+    del generator
+    return first - started, (new_tokens - 1) / (end - first)
+
+
+def ours(
+    model: runtime.LoadedModel, ids: list[int], new_tokens: int, cfg: SamplingConfig = ALL_FEATURES,
+    cache: engine.PrefixCache | None = None,
+) -> tuple[float, float]:
+    """Our engine loop: (seconds to first token, decode tok/s per choice)."""
+    started = time.perf_counter()
+    first = end = 0.0
+    for step_index, _ in enumerate(engine.generate(model, Prompt(ids, new_tokens), cfg, None, cache)):
+        if step_index == 0:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return first - started, (new_tokens - 1) / (end - first)
+
+
+def med(pairs: list[tuple[float, float]]) -> tuple[float, float]:
+    return float(np.median([p[0] for p in pairs])), float(np.median([p[1] for p in pairs]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    args = parser.parse_args()
+    folder = full_model()
+    model = runtime.load(folder, threads=args.threads)
+    r = args.repeats
+    results: dict[str, float] = {}
+    rows = []
+
+    for length in (128, 512):
+        ids = prompt_ids(length)
+        raw = med([raw_og(model, ids, DECODE_TOKENS) for _ in range(r)])
+        our = med([ours(model, ids, DECODE_TOKENS) for _ in range(r)])
+        results[f"raw_prefill_{length}"] = length / raw[0]
+        results[f"ours_prefill_{length}"] = length / our[0]
+        results[f"raw_decode_{length}"] = raw[1]
+        results[f"ours_decode_{length}"] = our[1]
+        rows.append([f"{length}-token prompt", f"{length / raw[0]:.1f}", f"{length / our[0]:.1f}",
+                     f"{raw[1]:.2f}", f"{our[1]:.2f}", f"{our[1] / raw[1]:.3f}"])
+        print(rows[-1], flush=True)
+
+    print("\nraw onnxruntime-genai vs our engine (all sampling features on), "
+          f"{args.threads} threads, tok/s")
+    print(table(["prompt", "raw prefill", "our prefill", "raw decode", "our decode",
+                 "decode ours/raw"], rows))
+
+    # n=4 vs n=1 (prefill = time to first token of all choices)
+    ids = prompt_ids(64, seed=3)
+    n1 = med([ours(model, ids, 16) for _ in range(r)])
+    n4_cfg = SamplingConfig(**{**ALL_FEATURES.__dict__, "n": 4})
+    n4_total = median_time(lambda: list(engine.generate(model, Prompt(ids, 16), n4_cfg)), r)
+    n1_total = median_time(lambda: list(engine.generate(model, Prompt(ids, 16), ALL_FEATURES)), r)
+    n4 = med([ours(model, ids, 16, n4_cfg) for _ in range(r)])
+    results["n4_over_n1_prefill"] = n4[0] / n1[0]
+    results["n4_over_n1_total"] = n4_total / n1_total
+    print(f"\nn=4 vs n=1 (64-token prompt, 16 tokens): prefill ratio {n4[0] / n1[0]:.2f}, "
+          f"total ratio {n4_total / n1_total:.2f}")
+
+    # cold vs cached time to first token: a 1000-token conversation extended by 50 tokens
+    history, extension = prompt_ids(1000, seed=5), prompt_ids(50, seed=6)
+    greedy = SamplingConfig(temperature=0, logit_bias=BANNED)
+    cold = median_time(lambda: ours(model, history + extension, 1, greedy), r)
+
+    def warm_then_extend() -> float:
+        cache = engine.PrefixCache(1)
+        ours(model, history, 1, greedy, cache)
+        return ours(model, history + extension, 1, greedy, cache)[0]
+
+    cached = float(np.median([warm_then_extend() for _ in range(r)]))
+    results["ttft_cold_s"], results["ttft_cached_s"] = cold, cached
+    print(f"TTFT cold {cold:.2f} s, cached {cached:.2f} s: cached/cold {cached / cold:.3f}")
+
+    # 8 requests: complete_batch vs one by one (same total tokens)
+    client = ChatCompletionsClient(folder, threads=args.threads, kv_cache_entries=0)
+    requests = [
+        {"messages": [{"role": "user", "content": f"Request {i}: tell me about topic {i}."}],
+         "max_tokens": 16, "temperature": 0, "logit_bias": {str(k): v for k, v in BANNED.items()}}
+        for i in range(8)
+    ]
+    sequential = median_time(lambda: [client.complete(**q) for q in requests], 1)
+    batched = median_time(lambda: client.complete_batch(requests), 1)
+    results["batch8_over_sequential_throughput"] = sequential / batched
+    print(f"8 requests: complete_batch {batched:.1f} s vs sequential {sequential:.1f} s "
+          f"(throughput ratio {sequential / batched:.2f})")
+
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
+    results["peak_rss_gb"] = peak_gb
+    print(f"peak RSS of this process: {peak_gb:.2f} GB")
+    print(f"machine: {machine()}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_engine.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
