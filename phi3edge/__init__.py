@@ -1,4 +1,5 @@
-"""phi3edge: run Microsoft Phi-3 / Phi-3.5 on your own machine, answering cloud-style chat completions.
+"""phi3edge: run Microsoft Phi-3 / Phi-3.5 on your own machine, answering cloud-style chat
+completions.
 
 The in-process client is imported lazily so that ``phi3edge.export`` and the fixtures work without
 loading onnxruntime-genai.

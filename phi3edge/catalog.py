@@ -1,11 +1,11 @@
 """The Phi-3 / Phi-3.5 family as data.
 
 Input: nothing (the published configs ship inside the package, under ``data/phi3-family``).
-Output: ``CATALOG``, one frozen ``FamilyMember`` per model, and lookups by id or by checkpoint config.
+Output: ``CATALOG``, one frozen ``FamilyMember`` per model; lookups by id or by checkpoint config.
 Errors: ``UnknownModelError`` when a config matches no member.
 
-The numbers are facts copied from the published ``config.json`` files (see ``data/phi3-family/SOURCES.md``);
-the package never reads anything outside itself at run time.
+The numbers are facts copied from the published ``config.json`` files (see
+``data/phi3-family/SOURCES.md``); the package never reads anything outside itself at run time.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ CATALOG: tuple[FamilyMember, ...] = (
         parameters="14B",
         accepts_system_role=_NO_SYSTEM,
         exports_on_cpu=True,
-        cpu_note="real checkpoints export; no random checkpoint (its published rope lists are incomplete)",
+        cpu_note="real checkpoints export; no random checkpoint (published rope lists incomplete)",
     ),
     FamilyMember(
         id="phi-3.5-mini",

@@ -61,8 +61,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from phi3edge.export import export
 
-    export(args.source, args.out, precision=args.precision, block_size=args.block_size,
-           progress=_progress)
+    export(
+        args.source,
+        args.out,
+        precision=args.precision,
+        block_size=args.block_size,
+        progress=_progress,
+    )
     return 0
 
 
@@ -115,8 +120,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from phi3edge.server import serve
 
-    serve(args.model, host=args.host, port=args.port,
-          api_key=args.api_key or os.environ.get("PHI3EDGE_API_KEY"), threads=args.threads)
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("PHI3EDGE_API_KEY"),
+        threads=args.threads,
+    )
     return 0
 
 
@@ -193,4 +203,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

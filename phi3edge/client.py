@@ -91,7 +91,7 @@ class ChatCompletionsClient:
         model_extras: dict[str, Any] | None = None,
         **params: Any,
     ) -> ChatCompletions | Iterator[StreamingChatCompletionsUpdate]:
-        """Like ``azure.ai.inference.ChatCompletionsClient.complete``; ``stream=True`` -> updates."""
+        """As ``azure.ai.inference.ChatCompletionsClient.complete``; ``stream=True`` -> updates."""
         request = self._request(
             params, body=body, messages=messages, stream=stream, model_extras=model_extras
         )
@@ -135,7 +135,9 @@ class ChatCompletionsClient:
                 request = self._request(dict(params))
             except ApiError as exc:
                 param = f"requests[{index}]" + (f".{exc.param}" if exc.param else "")
-                raise ApiError(exc.status, exc.code, f"request {index}: {exc.message}", param) from None
+                raise ApiError(
+                    exc.status, exc.code, f"request {index}: {exc.message}", param
+                ) from None
             if request.stream:
                 raise bad_request("complete_batch does not stream", f"requests[{index}].stream")
             prepared.append(request)
@@ -163,5 +165,8 @@ def _message_dict(message: Any) -> Any:
     if hasattr(message, "as_dict"):
         return message.as_dict()
     if hasattr(message, "role") and hasattr(message, "content"):
-        return {"role": str(getattr(message.role, "value", message.role)), "content": message.content}
+        return {
+            "role": str(getattr(message.role, "value", message.role)),
+            "content": message.content,
+        }
     return message  # schema validation reports it with its index

@@ -111,7 +111,7 @@ class StopFilter:
             return out
         hold = self._longest_stop_prefix_suffix()
         out = self._pending[: len(self._pending) - hold]
-        self._pending = self._pending[len(out):]
+        self._pending = self._pending[len(out) :]
         return out
 
     def flush(self) -> str:

@@ -150,9 +150,7 @@ def generate(
     params = sampler_params(cfg, vocab)
     sample_params = [params] * n
     states = [_sampling.RowState(vocab, cfg.seed, i) for i in range(n)]
-    choices = [
-        _Choice(i, IncrementalDecoder(model.table), StopFilter(cfg.stop)) for i in range(n)
-    ]
+    choices = [_Choice(i, IncrementalDecoder(model.table), StopFilter(cfg.stop)) for i in range(n)]
     filler = np.int32(min(model.eos_ids))
 
     max_length = len(prompt.ids) + prompt.max_new_tokens

@@ -32,8 +32,13 @@ class ApiError(Exception):
         }
 
     def __repr__(self) -> str:
-        phrase = HTTPStatus(self.status).phrase if self.status in HTTPStatus._value2member_map_ else ""
-        return f"ApiError({self.status} {phrase}, code={self.code!r}, param={self.param!r}: {self.message})"
+        phrase = (
+            HTTPStatus(self.status).phrase if self.status in HTTPStatus._value2member_map_ else ""
+        )
+        return (
+            f"ApiError({self.status} {phrase}, code={self.code!r}, param={self.param!r}: "
+            f"{self.message})"
+        )
 
 
 def bad_request(message: str, param: str | None = None, code: str = "invalid_request") -> ApiError:

@@ -2,8 +2,9 @@
 
 Input: a local checkpoint folder or a Hugging Face hub id, an output folder, a precision.
 Output: the builder's model.onnx(+data), genai_config.json (with our thread settings) and tokenizer
-files, plus ``phi3edge.json``: catalog id, precision, block size, context length, system-role support
-and the source checksum. The folder appears only when complete (built in a temporary sibling, renamed).
+files, plus ``phi3edge.json``: catalog id, precision, block size, context length, system-role
+support and the source checksum. The folder appears only when complete (built in a temporary
+sibling, then renamed).
 Errors: ``ExportError`` with a one-line message for every bad input.
 
 The conversion itself is onnxruntime-genai's model builder (``onnxruntime_genai.models.builder``).
@@ -139,7 +140,9 @@ def _resolve_source(source: str, say: Callable[[str], None]) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model"]))
+        return Path(
+            snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model"])
+        )
     except Exception as exc:  # network, auth, missing repo: all one line for the user
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"cannot download {source} from the hub: {reason}") from None
@@ -152,13 +155,20 @@ def _read_config(source_dir: Path) -> dict[str, Any]:
         raise ExportError(f"cannot read {source_dir / 'config.json'}: {exc}") from None
 
 
+def load_builder() -> Any:
+    """onnxruntime-genai's model builder module (it imports its siblings as top-level modules,
+    which ``onnxruntime_genai.models`` makes importable by extending sys.path)."""
+    import importlib
+
+    importlib.import_module("onnxruntime_genai.models")
+    return importlib.import_module("builder")
+
+
 def _run_builder(
     source_dir: Path, out: Path, precision: str, block_size: int, say: Callable[[str], None]
 ) -> None:
     """Run onnxruntime-genai's builder, turning its prints into progress lines."""
-    import onnxruntime_genai.models  # noqa: F401  (puts the builder's own folder on sys.path)
-    import builder  # type: ignore[import-not-found]
-
+    builder = load_builder()
     options = [f"block_size={block_size}"] if precision == "int4" else []
     with tempfile.TemporaryDirectory(prefix="phi3edge-builder-cache-") as cache_dir:
         with (
@@ -175,7 +185,9 @@ def _run_builder(
 
 
 @contextlib.contextmanager
-def _spill_before_quantizing(builder: Any, spill_dir: Path, say: Callable[[str], None]) -> Iterator[None]:
+def _spill_before_quantizing(
+    builder: Any, spill_dir: Path, say: Callable[[str], None]
+) -> Iterator[None]:
     """Keep the builder's peak memory near one copy of the weights.
 
     The stock builder holds the PyTorch weights while its quantizer turns the whole graph into one
@@ -260,7 +272,7 @@ def _quiet_quantizer_logs() -> Iterator[None]:
         yield
     finally:
         sys.stderr = original
-        for lg, level in zip(loggers, levels):
+        for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
 
 

@@ -1,7 +1,7 @@
 """Random-weight Phi-3 checkpoints with the exact (or a scaled-down) real architecture.
 
-Input: a catalog id, a size (``full`` = the published architecture, ``tiny`` = same class, rope type,
-LongRoPE factor shape and grouped-query layout with a few narrow layers) and an output folder.
+Input: a catalog id, a size (``full`` = the published architecture, ``tiny`` = same class, rope
+type, LongRoPE factor shape and grouped-query layout with a few narrow layers) and an output folder.
 Output: an ordinary Hugging Face folder (config.json, generation_config.json, model.safetensors,
 tokenizer.json, tokenizer_config.json) that loads through exactly the code a real checkpoint does.
 Errors: ``UnknownModelError`` for a name outside the family, ``ValueError`` for members whose
@@ -183,4 +183,3 @@ def _random_tensors(config: dict[str, Any], rng: Any, bf16: bool) -> Iterator[di
             p + "mlp.down_proj.weight": normal(hidden, inter),
         }
     yield {"model.norm.weight": ones(hidden), "lm_head.weight": normal(vocab, hidden)}
-

@@ -93,8 +93,13 @@ def load(folder: str | os.PathLike[str], threads: int | None = None) -> LoadedMo
     tokenizer = og.Tokenizer(model)
     eos = genai["model"]["eos_token_id"]
     eos_ids = frozenset(eos if isinstance(eos, list) else [eos])
-    log.info("loaded %s (%s) from %s with %d threads", manifest.catalog_id, manifest.precision,
-             folder, threads)
+    log.info(
+        "loaded %s (%s) from %s with %d threads",
+        manifest.catalog_id,
+        manifest.precision,
+        folder,
+        threads,
+    )
     return LoadedModel(
         folder=folder,
         manifest=manifest,

@@ -26,16 +26,34 @@ EXTRA_PARAMETER_POLICIES = ("error", "drop", "pass-through")
 # (https://learn.microsoft.com/azure/ai-studio/reference/reference-model-inference-chat-completions).
 AZURE_PARAMETERS = frozenset(
     {
-        "messages", "model", "frequency_penalty", "presence_penalty", "temperature", "top_p",
-        "max_tokens", "stop", "stream", "seed", "response_format", "tools", "tool_choice",
+        "messages",
+        "model",
+        "frequency_penalty",
+        "presence_penalty",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "stop",
+        "stream",
+        "seed",
+        "response_format",
+        "tools",
+        "tool_choice",
     }
 )
 # What Phi-3 deployments accept beyond that schema when passed through.
 PHI3_EXTRA_PARAMETERS = frozenset({"logit_bias", "logprobs", "top_logprobs", "n"})
 # OpenAI's chat-completions parameters that are ordinary on the /v1 route.
-OPENAI_PARAMETERS = AZURE_PARAMETERS | PHI3_EXTRA_PARAMETERS | {
-    "max_completion_tokens", "stream_options", "user", "parallel_tool_calls",
-}
+OPENAI_PARAMETERS = (
+    AZURE_PARAMETERS
+    | PHI3_EXTRA_PARAMETERS
+    | {
+        "max_completion_tokens",
+        "stream_options",
+        "user",
+        "parallel_tool_calls",
+    }
+)
 MAX_N = 16
 MAX_STOP = 4
 
@@ -189,8 +207,9 @@ def parse_request(
                     f"parameter '{unusable[0]}' is not supported by this model", unusable[0]
                 )
     elif extras:
-        raise bad_request(f"unknown parameter '{extras[0]}'", param=extras[0],
-                          code="unknown_parameter")
+        raise bad_request(
+            f"unknown parameter '{extras[0]}'", param=extras[0], code="unknown_parameter"
+        )
 
     _reject_unsupported(body)
     body = _normalise_openai(body, route)
@@ -226,8 +245,9 @@ def _reject_unsupported(body: dict[str, Any]) -> None:
             if not isinstance(message, dict):
                 continue
             if message.get("role") == "tool" or message.get("tool_calls"):
-                raise not_supported("tool messages are not supported by Phi-3 models",
-                                    f"messages[{i}]")
+                raise not_supported(
+                    "tool messages are not supported by Phi-3 models", f"messages[{i}]"
+                )
             content = message.get("content")
             if isinstance(content, list):
                 for part in content:
@@ -267,13 +287,14 @@ def _validation_error(exc: ValidationError) -> ApiError:
     param = param.replace(".[", "[")
     message = error.get("msg", "invalid value")
     if message.startswith("Value error, "):
-        message = message[len("Value error, "):]
+        message = message[len("Value error, ") :]
     if error.get("type") == "extra_forbidden":
         return bad_request(f"unknown parameter '{param}'", param=param, code="unknown_parameter")
     if error.get("type") == "missing":
         return bad_request(f"'{param}' is required", param=param, code="missing_parameter")
-    return bad_request(f"invalid value for '{param}': {message}", param=param,
-                       code="invalid_parameter")
+    return bad_request(
+        f"invalid value for '{param}': {message}", param=param, code="invalid_parameter"
+    )
 
 
 # ----------------------------------------------------------------------------- response

@@ -50,9 +50,7 @@ class ChatService:
         self.prefix_cache = engine.PrefixCache(kv_cache_entries)
         member = catalog_member(self.model.manifest.catalog_id)
         self.model_name = member.hf_id.split("/")[1]
-        self._aliases = {
-            a.lower() for a in (self.model_name, member.id, member.hf_id, "phi3edge")
-        }
+        self._aliases = {a.lower() for a in (self.model_name, member.id, member.hf_id, "phi3edge")}
         self._lock = threading.Lock()
 
     def model_info(self) -> ModelInfo:
@@ -64,8 +62,9 @@ class ChatService:
         texts: dict[int, list[str]] = {}
         tokens: dict[int, list[TokenLogprob]] = {}
         finish: dict[int, str] = {}
-        prompt_tokens, completion_tokens = 0, 0
+        usage = _usage(0, 0)
         for steps, prompt_tokens, completion_tokens in self._run(request):
+            usage = _usage(prompt_tokens, completion_tokens)
             for step in steps:
                 texts.setdefault(step.index, []).append(step.text)
                 tokens.setdefault(step.index, []).extend(step.tokens)
@@ -85,7 +84,7 @@ class ChatService:
             created=_now(),
             model=self.model_name,
             choices=choices,
-            usage=_usage(prompt_tokens, completion_tokens),
+            usage=usage,
         )
 
     # ------------------------------------------------------------------ streams
@@ -149,7 +148,8 @@ class ChatService:
         """Validate against this model, then yield (steps, prompt_tokens, completion_tokens)."""
         if request.model and request.model.lower() not in self._aliases:
             raise ApiError(
-                404, "model_not_found",
+                404,
+                "model_not_found",
                 f"model '{request.model}' is not served here; this server runs {self.model_name}",
                 "model",
             )

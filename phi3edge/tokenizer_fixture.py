@@ -62,12 +62,17 @@ def _learned_pieces() -> tuple[list[str], list[tuple[str, str]]]:
 
     trainer_tok = Tokenizer(models.BPE())
     trainer_tok.normalizer = normalizers.Replace(" ", "\u2581")
-    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="always"
+    )
     alphabet = [chr(c) for c in range(32, 127)] + ["\u2581", "\t"]
     target = BASE_VOCAB_SIZE - len(_SPECIALS) - 256
     trainer = trainers.BpeTrainer(
-        vocab_size=target, initial_alphabet=alphabet, limit_alphabet=len(alphabet),
-        show_progress=False, min_frequency=2,
+        vocab_size=target,
+        initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet),
+        show_progress=False,
+        min_frequency=2,
     )
     trainer_tok.train_from_iterator(_corpus(), trainer)
     model = json.loads(trainer_tok.to_str())["model"]
@@ -101,9 +106,7 @@ def build_phi3_tokenizer() -> Any:
         vocab.setdefault(piece, len(vocab))
     kept = [(a, b) for a, b in merges if a in vocab and b in vocab and a + b in vocab]
     tokenizer = Tokenizer(
-        models.BPE(
-            vocab=vocab, merges=kept, unk_token="<unk>", fuse_unk=True, byte_fallback=True
-        )
+        models.BPE(vocab=vocab, merges=kept, unk_token="<unk>", fuse_unk=True, byte_fallback=True)
     )
     tokenizer.normalizer = normalizers.Sequence(
         [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
@@ -123,8 +126,12 @@ def build_phi3_tokenizer() -> Any:
         assert token_id == len(vocab) + len(added), "Phi-3 special ids must follow the base vocab"
         added.append(
             AddedToken(
-                spec["content"], single_word=spec["single_word"], lstrip=spec["lstrip"],
-                rstrip=spec["rstrip"], normalized=spec["normalized"], special=spec["special"],
+                spec["content"],
+                single_word=spec["single_word"],
+                lstrip=spec["lstrip"],
+                rstrip=spec["rstrip"],
+                normalized=spec["normalized"],
+                special=spec["special"],
             )
         )
     tokenizer.add_special_tokens([t for t in added if t.special])

@@ -1,4 +1,4 @@
-"""Engine benchmark on full-size random Phi-3-mini-4k INT4: ours vs raw onnxruntime-genai, side by side.
+"""Engine benchmark, full-size random Phi-3-mini-4k INT4: ours vs raw onnxruntime-genai.
 
 Usage: python scripts/bench_engine.py [--threads 2] [--repeats 3] [--out results/]
 
@@ -68,13 +68,18 @@ def raw_og(model: runtime.LoadedModel, ids: list[int], new_tokens: int) -> tuple
 
 
 def ours(
-    model: runtime.LoadedModel, ids: list[int], new_tokens: int, cfg: SamplingConfig = ALL_FEATURES,
+    model: runtime.LoadedModel,
+    ids: list[int],
+    new_tokens: int,
+    cfg: SamplingConfig = ALL_FEATURES,
     cache: engine.PrefixCache | None = None,
 ) -> tuple[float, float]:
     """Our engine loop: (seconds to first token, decode tok/s per choice)."""
     started = time.perf_counter()
     first = end = 0.0
-    for step_index, _ in enumerate(engine.generate(model, Prompt(ids, new_tokens), cfg, None, cache)):
+    for step_index, _ in enumerate(
+        engine.generate(model, Prompt(ids, new_tokens), cfg, None, cache)
+    ):
         if step_index == 0:
             first = time.perf_counter()
     end = time.perf_counter()
@@ -105,14 +110,28 @@ def main() -> None:
         results[f"ours_prefill_{length}"] = length / our[0]
         results[f"raw_decode_{length}"] = raw[1]
         results[f"ours_decode_{length}"] = our[1]
-        rows.append([f"{length}-token prompt", f"{length / raw[0]:.1f}", f"{length / our[0]:.1f}",
-                     f"{raw[1]:.2f}", f"{our[1]:.2f}", f"{our[1] / raw[1]:.3f}"])
+        rows.append(
+            [
+                f"{length}-token prompt",
+                f"{length / raw[0]:.1f}",
+                f"{length / our[0]:.1f}",
+                f"{raw[1]:.2f}",
+                f"{our[1]:.2f}",
+                f"{our[1] / raw[1]:.3f}",
+            ]
+        )
         print(rows[-1], flush=True)
 
-    print("\nraw onnxruntime-genai vs our engine (all sampling features on), "
-          f"{args.threads} threads, tok/s")
-    print(table(["prompt", "raw prefill", "our prefill", "raw decode", "our decode",
-                 "decode ours/raw"], rows))
+    print(
+        "\nraw onnxruntime-genai vs our engine (all sampling features on), "
+        f"{args.threads} threads, tok/s"
+    )
+    print(
+        table(
+            ["prompt", "raw prefill", "our prefill", "raw decode", "our decode", "decode ours/raw"],
+            rows,
+        )
+    )
 
     # n=4 vs n=1 (prefill = time to first token of all choices)
     ids = prompt_ids(64, seed=3)
@@ -123,8 +142,10 @@ def main() -> None:
     n4 = med([ours(model, ids, 16, n4_cfg) for _ in range(r)])
     results["n4_over_n1_prefill"] = n4[0] / n1[0]
     results["n4_over_n1_total"] = n4_total / n1_total
-    print(f"\nn=4 vs n=1 (64-token prompt, 16 tokens): prefill ratio {n4[0] / n1[0]:.2f}, "
-          f"total ratio {n4_total / n1_total:.2f}")
+    print(
+        f"\nn=4 vs n=1 (64-token prompt, 16 tokens): prefill ratio {n4[0] / n1[0]:.2f}, "
+        f"total ratio {n4_total / n1_total:.2f}"
+    )
 
     # cold vs cached time to first token: a 1000-token conversation extended by 50 tokens
     history, extension = prompt_ids(1000, seed=5), prompt_ids(50, seed=6)
@@ -143,15 +164,21 @@ def main() -> None:
     # 8 requests: complete_batch vs one by one (same total tokens)
     client = ChatCompletionsClient(folder, threads=args.threads, kv_cache_entries=0)
     requests = [
-        {"messages": [{"role": "user", "content": f"Request {i}: tell me about topic {i}."}],
-         "max_tokens": 16, "temperature": 0, "logit_bias": {str(k): v for k, v in BANNED.items()}}
+        {
+            "messages": [{"role": "user", "content": f"Request {i}: tell me about topic {i}."}],
+            "max_tokens": 16,
+            "temperature": 0,
+            "logit_bias": {str(k): v for k, v in BANNED.items()},
+        }
         for i in range(8)
     ]
     sequential = median_time(lambda: [client.complete(**q) for q in requests], 1)
     batched = median_time(lambda: client.complete_batch(requests), 1)
     results["batch8_over_sequential_throughput"] = sequential / batched
-    print(f"8 requests: complete_batch {batched:.1f} s vs sequential {sequential:.1f} s "
-          f"(throughput ratio {sequential / batched:.2f})")
+    print(
+        f"8 requests: complete_batch {batched:.1f} s vs sequential {sequential:.1f} s "
+        f"(throughput ratio {sequential / batched:.2f})"
+    )
 
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
     results["peak_rss_gb"] = peak_gb

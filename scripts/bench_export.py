@@ -26,8 +26,8 @@ from phi3edge.cli import cache_dir
 
 STOCK = """
 import sys
-import onnxruntime_genai.models  # noqa: F401
-import builder
+from phi3edge.export import load_builder
+builder = load_builder()
 src, out, cache = sys.argv[1:4]
 extra = builder.parse_extra_options(None, src, out, "int4", "cpu", cache, ["block_size=32"])
 builder.create_model(None, src, out, "int4", "cpu", cache, **extra)
@@ -42,7 +42,9 @@ def run_child(argv: list[str]) -> tuple[float, float]:
     seconds = time.monotonic() - started
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if peak_kb <= before:
-        print("warning: an earlier child had a higher peak; figure is a lower bound", file=sys.stderr)
+        print(
+            "warning: an earlier child had a higher peak; figure is a lower bound", file=sys.stderr
+        )
     return seconds, peak_kb / 1024 / 1024
 
 
@@ -70,9 +72,12 @@ def main() -> None:
         if args.stock:
             stock_dir = Path(tmp) / "stock"
             rows.append(
-                ("stock builder", *run_child(
-                    [sys.executable, "-c", STOCK, str(checkpoint), str(stock_dir), tmp + "/c"]
-                ))
+                (
+                    "stock builder",
+                    *run_child(
+                        [sys.executable, "-c", STOCK, str(checkpoint), str(stock_dir), tmp + "/c"]
+                    ),
+                )
             )
             same = all(
                 filecmp.cmp(ours_dir / name, stock_dir / name, shallow=False)

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random-weight checkpoints and their exports, built once per test session."""
+"""Shared fixtures: tiny random-weight checkpoints and their exports, built once per session."""
 
 from __future__ import annotations
 

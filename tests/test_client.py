@@ -47,14 +47,19 @@ def test_response_shape_field_by_field(client: ChatCompletionsClient, tiny_int4:
 def test_model_info(client: ChatCompletionsClient) -> None:
     info = client.get_model_info()
     assert (info.model_name, info.model_type, info.model_provider_name) == (
-        "Phi-3-mini-4k-instruct", "chat-completions", "Microsoft"
+        "Phi-3-mini-4k-instruct",
+        "chat-completions",
+        "Microsoft",
     )
 
 
 def test_length_finish_and_usage_counts(client: ChatCompletionsClient) -> None:
-    response = client.complete(messages=HELLO, max_tokens=5, temperature=0, logit_bias={32007: -100,
-                                                                                        32000: -100,
-                                                                                        32001: -100})
+    response = client.complete(
+        messages=HELLO,
+        max_tokens=5,
+        temperature=0,
+        logit_bias={32007: -100, 32000: -100, 32001: -100},
+    )
     assert response.choices[0].finish_reason == "length"
     assert response.usage.completion_tokens == 5
 
@@ -86,17 +91,33 @@ def test_seed_reproduces_and_n_choices_differ(client: ChatCompletionsClient, tin
 
 
 def test_stop_string_ends_the_choice_and_never_appears(client: ChatCompletionsClient) -> None:
-    free = client.complete(messages=HELLO, max_tokens=30, seed=3, temperature=1.0,
-                           logit_bias={32007: -100})
+    free = client.complete(
+        messages=HELLO, max_tokens=30, seed=3, temperature=1.0, logit_bias={32007: -100}
+    )
     text = free.choices[0].message.content
     stop = text[5:8]
     assert len(stop) == 3
-    stopped = client.complete(messages=HELLO, max_tokens=30, seed=3, temperature=1.0,
-                              logit_bias={32007: -100}, stop=[stop])
+    stopped = client.complete(
+        messages=HELLO,
+        max_tokens=30,
+        seed=3,
+        temperature=1.0,
+        logit_bias={32007: -100},
+        stop=[stop],
+    )
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].message.content == text[: text.index(stop)]
-    streamed = list(client.complete(messages=HELLO, max_tokens=30, seed=3, temperature=1.0,
-                                    logit_bias={32007: -100}, stop=[stop], stream=True))
+    streamed = list(
+        client.complete(
+            messages=HELLO,
+            max_tokens=30,
+            seed=3,
+            temperature=1.0,
+            logit_bias={32007: -100},
+            stop=[stop],
+            stream=True,
+        )
+    )
     pieces = [u.choices[0].delta.content or "" for u in streamed if u.choices]
     assert "".join(pieces) == text[: text.index(stop)]
 
@@ -104,14 +125,17 @@ def test_stop_string_ends_the_choice_and_never_appears(client: ChatCompletionsCl
 def test_logit_bias_forces_a_token(client: ChatCompletionsClient) -> None:
     table = client._service.model.table
     token = next(i for i in range(1000, 2000) if table.token_text(i).strip().isalpha())
-    response = client.complete(messages=HELLO, max_tokens=4, logit_bias={str(token): 100},
-                               temperature=1.0, seed=0)
+    response = client.complete(
+        messages=HELLO, max_tokens=4, logit_bias={str(token): 100}, temperature=1.0, seed=0
+    )
     assert response.choices[0].message.content.strip() == (table.token_text(token) * 4).strip()
 
 
 def test_model_extras_like_the_azure_sdk(client: ChatCompletionsClient) -> None:
     response = client.complete(
-        messages=HELLO, max_tokens=3, temperature=0,
+        messages=HELLO,
+        max_tokens=3,
+        temperature=0,
         model_extras={"logprobs": True, "top_logprobs": 2, "n": 2},
     )
     assert len(response.choices) == 2
@@ -140,15 +164,23 @@ def test_errors_are_api_errors(client: ChatCompletionsClient) -> None:
 def test_system_message_is_folded_into_the_user_turn(client: ChatCompletionsClient) -> None:
     model = client._service.model
     request = parse_request(
-        {"messages": [{"role": "system", "content": "Be brief."},
-                      {"role": "user", "content": "Hi"}]}
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+            ]
+        }
     )
     ids = build_prompt(model, request.messages, 4).ids
     expected = model.tokenizer.encode("<|user|>\nBe brief.\n\nHi<|end|>\n<|assistant|>\n")
     assert ids == [int(t) for t in expected]
     response = client.complete(
-        messages=[SystemMessage("Be brief."), UserMessage("Hi"), AssistantMessage("Hello"),
-                  {"role": "user", "content": "More"}],
+        messages=[
+            SystemMessage("Be brief."),
+            UserMessage("Hi"),
+            AssistantMessage("Hello"),
+            {"role": "user", "content": "More"},
+        ],
         max_tokens=2,
     )
     assert response.choices[0].finish_reason in ("stop", "length")
@@ -159,11 +191,18 @@ def test_logprobs_match_the_fp32_models_own_logits(tiny_fp32: Path) -> None:
     import onnxruntime as ort
 
     fp32 = ChatCompletionsClient(tiny_fp32)
-    response = fp32.complete(messages=HELLO, max_tokens=6, temperature=0, logprobs=True,
-                             top_logprobs=5, logit_bias={32007: -100, 32000: -100, 32001: -100})
+    response = fp32.complete(
+        messages=HELLO,
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=5,
+        logit_bias={32007: -100, 32000: -100, 32001: -100},
+    )
     model = fp32._service.model
-    prompt = build_prompt(model, parse_request({"messages": [m.as_dict() for m in HELLO]}).messages,
-                          6).ids
+    prompt = build_prompt(
+        model, parse_request({"messages": [m.as_dict() for m in HELLO]}).messages, 6
+    ).ids
     vocab = {model.table.token_text(i): i for i in range(len(model.table))}
     generated = [vocab[e.token] for e in response.choices[0].logprobs.content]
     session = ort.InferenceSession(str(tiny_fp32 / "model.onnx"))
@@ -181,7 +220,9 @@ def test_logprobs_match_the_fp32_models_own_logits(tiny_fp32: Path) -> None:
         assert entry.logprob == pytest.approx(logp[generated[step]], abs=1e-4)
         expected_top = np.argsort(-logp, kind="stable")[:5]
         assert [vocab[t.token] for t in entry.top_logprobs] == list(expected_top)
-        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(logp[expected_top], abs=1e-4)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(
+            logp[expected_top], abs=1e-4
+        )
         assert bytes(entry.bytes) == model.table.token_bytes(generated[step])
 
 
@@ -191,8 +232,14 @@ def test_multi_turn_reuses_the_kv_cache_with_identical_results(tiny_int4: Path) 
     history: list[dict[str, str]] = []
     for turn in range(4):
         history.append({"role": "user", "content": f"Question number {turn}: why is the sky blue?"})
-        kwargs = {"messages": history, "max_tokens": 8, "seed": turn, "temperature": 0.8,
-                  "logprobs": True, "top_logprobs": 3}
+        kwargs = {
+            "messages": history,
+            "max_tokens": 8,
+            "seed": turn,
+            "temperature": 0.8,
+            "logprobs": True,
+            "top_logprobs": 3,
+        }
         a, b = cached.complete(**kwargs), cold.complete(**kwargs)
         assert a.choices[0].message.content == b.choices[0].message.content
         assert a.choices[0].logprobs.as_dict() == b.choices[0].logprobs.as_dict()
@@ -221,8 +268,12 @@ def test_thread_setting_reaches_the_onnxruntime_session(tiny_int4: Path) -> None
 
 def test_complete_batch_answers_in_order_like_single_calls(client: ChatCompletionsClient) -> None:
     requests = [
-        {"messages": [UserMessage(f"Item {i} is")], "max_tokens": 4 + i, "seed": i,
-         "temperature": 0.7}
+        {
+            "messages": [UserMessage(f"Item {i} is")],
+            "max_tokens": 4 + i,
+            "seed": i,
+            "temperature": 0.7,
+        }
         for i in range(4)
     ]
     batch = client.complete_batch(requests)
@@ -239,8 +290,9 @@ def test_one_client_from_many_threads(client: ChatCompletionsClient) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     def ask(i: int) -> str:
-        r = client.complete(messages=[UserMessage(f"Thread {i}")], max_tokens=6, seed=i,
-                            temperature=1.0)
+        r = client.complete(
+            messages=[UserMessage(f"Thread {i}")], max_tokens=6, seed=i, temperature=1.0
+        )
         return r.choices[0].message.content
 
     expected = [ask(i) for i in range(6)]

@@ -47,7 +47,9 @@ def test_multibyte_character_is_never_split(table, reference) -> None:
     pieces = _stream(table, ids)
     assert "".join(pieces) == "a 中文 é 🙂"
     assert all("\ufffd" not in p for p in pieces)
-    assert any("中文" in p for p in pieces)  # the byte run is emitted whole once a non-byte token ends it
+    assert any(
+        "中文" in p for p in pieces
+    )  # the byte run is emitted whole once a non-byte token ends it
 
 
 @pytest.mark.parametrize(

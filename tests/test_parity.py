@@ -85,10 +85,12 @@ def test_int4_export_logits_close_to_transformers(
 
 def test_longrope_prompt_really_crosses_the_original_context(model_factory: Callable) -> None:
     config = json.loads((model_factory("phi-3-mini-128k") / "config.json").read_text())
-    assert _prompt_length(model_factory("phi-3-mini-128k")) > config[
-        "original_max_position_embeddings"
-    ]
+    assert (
+        _prompt_length(model_factory("phi-3-mini-128k"))
+        > config["original_max_position_embeddings"]
+    )
     assert config["rope_scaling"]["type"] == "longrope"
-    assert len(config["rope_scaling"]["long_factor"]) == config["hidden_size"] // config[
-        "num_attention_heads"
-    ] // 2
+    assert (
+        len(config["rope_scaling"]["long_factor"])
+        == config["hidden_size"] // config["num_attention_heads"] // 2
+    )

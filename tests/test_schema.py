@@ -20,22 +20,44 @@ def _error(body: dict[str, Any], **kwargs: Any) -> ApiError:
 
 def test_valid_request_maps_to_sampling() -> None:
     request = parse_request(
-        {"messages": MESSAGES, "temperature": 0.5, "top_p": 0.9, "stop": "x", "seed": 3,
-         "presence_penalty": 1, "frequency_penalty": -1, "max_tokens": 5}
+        {
+            "messages": MESSAGES,
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "stop": "x",
+            "seed": 3,
+            "presence_penalty": 1,
+            "frequency_penalty": -1,
+            "max_tokens": 5,
+        }
     )
     cfg = request.sampling()
     assert (cfg.temperature, cfg.top_p, cfg.stop, cfg.seed, cfg.max_tokens) == (
-        0.5, 0.9, ("x",), 3, 5
+        0.5,
+        0.9,
+        ("x",),
+        3,
+        5,
     )
 
 
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("temperature", -0.1), ("temperature", 1.5), ("top_p", 1.1), ("top_p", -1),
-        ("presence_penalty", 2.5), ("frequency_penalty", -3), ("max_tokens", 0),
-        ("max_tokens", "ten"), ("stop", ["a", "b", "c", "d", "e"]), ("stop", [""]),
-        ("stream", "yes"), ("seed", 2**64), ("messages", []), ("messages", "hi"),
+        ("temperature", -0.1),
+        ("temperature", 1.5),
+        ("top_p", 1.1),
+        ("top_p", -1),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -3),
+        ("max_tokens", 0),
+        ("max_tokens", "ten"),
+        ("stop", ["a", "b", "c", "d", "e"]),
+        ("stop", [""]),
+        ("stream", "yes"),
+        ("seed", 2**64),
+        ("messages", []),
+        ("messages", "hi"),
     ],
 )
 def test_out_of_range_values_are_400_naming_the_field(field: str, value: Any) -> None:
@@ -45,7 +67,9 @@ def test_out_of_range_values_are_400_naming_the_field(field: str, value: Any) ->
 
 
 def test_openai_route_allows_temperature_up_to_2() -> None:
-    assert parse_request({"messages": MESSAGES, "temperature": 1.7}, route="openai").temperature == 1.7
+    assert (
+        parse_request({"messages": MESSAGES, "temperature": 1.7}, route="openai").temperature == 1.7
+    )
 
 
 @pytest.mark.parametrize("name", ["logit_bias", "logprobs", "top_logprobs", "n"])
@@ -79,7 +103,11 @@ def test_bad_extra_parameters_header() -> None:
         {"tool_choice": "auto"},
         {"response_format": {"type": "json_object"}},
         {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+            ]
+        },
         {"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]},
     ],
 )
@@ -90,8 +118,12 @@ def test_unsupported_features_are_422(body: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(
     ("bias", "fragment"),
-    [({"x": 1}, "not a token id"), ({"5": 101}, "-100..100"), ({"5": "a"}, "number"),
-     ({"-1": 1}, "token id")],
+    [
+        ({"x": 1}, "not a token id"),
+        ({"5": 101}, "-100..100"),
+        ({"5": "a"}, "number"),
+        ({"-1": 1}, "token id"),
+    ],
 )
 def test_logit_bias_values(bias: dict, fragment: str) -> None:
     error = _error({"messages": MESSAGES, "logit_bias": bias}, route="openai")
@@ -107,13 +139,22 @@ def test_top_logprobs_needs_logprobs_and_range() -> None:
 
 def test_openai_spellings() -> None:
     request = parse_request(
-        {"messages": MESSAGES, "max_completion_tokens": 7, "stream": True,
-         "stream_options": {"include_usage": True}, "user": "u1"},
+        {
+            "messages": MESSAGES,
+            "max_completion_tokens": 7,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "user": "u1",
+        },
         route="openai",
     )
     assert request.max_tokens == 7 and request.include_usage_in_stream
-    assert _error({"messages": MESSAGES, "stream_options": {"include_usage": True}},
-                  route="openai").param == "stream_options"
+    assert (
+        _error(
+            {"messages": MESSAGES, "stream_options": {"include_usage": True}}, route="openai"
+        ).param
+        == "stream_options"
+    )
 
 
 def test_message_shapes() -> None:
