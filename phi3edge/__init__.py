@@ -27,7 +27,10 @@ def __getattr__(name: str) -> Any:
 
         return getattr(client, name)
     if name == "__version__":
-        from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
-        return version("phi3edge")
+        try:
+            return version("phi3edge")
+        except PackageNotFoundError:  # a source checkout that was never installed
+            return "0+unknown"
     raise AttributeError(f"module 'phi3edge' has no attribute {name!r}")

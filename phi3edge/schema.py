@@ -214,8 +214,12 @@ def parse_request(
     _reject_unsupported(body)
     body = _normalise_openai(body, route)
     if route == "azure" and isinstance(body.get("temperature"), (int, float)):
-        if body["temperature"] > 1:
-            raise bad_request("temperature must be in [0, 1]", param="temperature")
+        if body["temperature"] > 1:  # the Azure schema's range; OpenAI's is [0, 2]
+            raise bad_request(
+                "invalid value for 'temperature': must be in [0, 1]",
+                param="temperature",
+                code="invalid_parameter",
+            )
     try:
         request = ChatRequest.model_validate(body)
     except ValidationError as exc:

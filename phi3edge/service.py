@@ -58,18 +58,22 @@ class ChatService:
 
     # ------------------------------------------------------------------ whole responses
 
-    def complete(self, request: ChatRequest) -> ChatCompletions:
+    def complete(
+        self, request: ChatRequest, cancelled: Callable[[], bool] | None = None
+    ) -> ChatCompletions:
         texts: dict[int, list[str]] = {}
         tokens: dict[int, list[TokenLogprob]] = {}
         finish: dict[int, str] = {}
         usage = _usage(0, 0)
-        for steps, prompt_tokens, completion_tokens in self._run(request):
+        for steps, prompt_tokens, completion_tokens in self._run(request, cancelled):
             usage = _usage(prompt_tokens, completion_tokens)
             for step in steps:
                 texts.setdefault(step.index, []).append(step.text)
                 tokens.setdefault(step.index, []).extend(step.tokens)
                 if step.finish_reason:
                     finish[step.index] = step.finish_reason
+        if len(finish) < request.n:  # only when cancelled: nobody is waiting for an answer
+            raise ApiError(499, "client_closed_request", "the client closed the request")
         choices = [
             ChatChoice(
                 index=i,
@@ -111,7 +115,9 @@ class ChatService:
             )
 
         runs = self._run(request, cancelled)
-        first = next(runs)  # validation and prefill happen before the first chunk is yielded
+        first = next(runs, None)  # validation and prefill happen before the first chunk
+        if first is None:
+            return  # cancelled before it started
         yield chunk(
             [
                 StreamingChatChoiceUpdate(
@@ -155,6 +161,8 @@ class ChatService:
             )
         cfg = request.sampling()
         with self._lock:
+            if cancelled and cancelled():
+                return  # the client left while waiting for the model
             prompt = build_prompt(self.model, request.messages, cfg.max_tokens)
             completion_tokens = 0
             for steps in engine.generate(self.model, prompt, cfg, cancelled, self.prefix_cache):

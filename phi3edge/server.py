@@ -1,0 +1,527 @@
+"""HTTP shim: the cloud endpoint's chat-completions routes over one local ``ChatService``.
+
+Input: HTTP requests. ``POST /chat/completions`` is the Azure AI Model Inference route (it honours
+the ``extra-parameters`` header); ``POST /v1/chat/completions`` is the OpenAI-compatible one;
+``GET /info`` (alias ``/models/info``), ``GET /v1/models`` and the unauthenticated
+``GET /health`` describe the server. The ``api-version`` query parameter the Azure SDK sends is
+accepted and ignored.
+Output: JSON bodies in the REST shape, or data-only server-sent events (``data: {chunk}``, then
+``data: [DONE]``) for ``stream: true``.
+Errors: every failure answers ``{"error": {"code", "message", "param", "status"}}`` plus an
+``x-ms-error-code`` header: 400 malformed, 401 bad key, 404 unknown route/model, 405 wrong method,
+413 body too large, 422 unsupported, 429 queue full (with ``Retry-After``), 500 only for our own
+bugs and then without internals. Once a stream has started, an error goes out as one
+``data: {"error": ...}`` event and the stream ends.
+
+The layer stays thin: all validation is ``schema.parse_request``'s, all generation is
+``ChatService``'s.
+Blocking work runs in worker threads; a bounded admission counter turns overload into 429s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import socket
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from phi3edge.errors import ApiError, bad_request
+from phi3edge.export import MANIFEST
+from phi3edge.schema import ChatRequest, Route, StreamingChatCompletionsUpdate, parse_request
+from phi3edge.service import ChatService
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RETRY_AFTER_SECONDS = 1
+_OPEN_PATHS = frozenset({"/health"})  # answered without an API key (liveness probes)
+_DISCONNECT_POLL_SECONDS = 0.05
+_DONE = b"data: [DONE]\n\n"
+_END = object()  # sentinel for next(): StopIteration cannot cross a thread hand-off
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the HTTP shim is exposed; the defaults are the safe ones (loopback, no CORS)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_queue: int = 16  # chat requests generating or waiting for the model; more get 429
+    cors_origins: tuple[str, ...] = ()  # empty: no CORS middleware at all
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1:
+            raise ValueError("max_body_bytes must be >= 1")
+        if self.max_queue < 1:
+            raise ValueError("max_queue must be >= 1")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} is outside 0..65535")
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _error_response(error: ApiError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """The one place the error envelope and ``x-ms-error-code`` are written."""
+    all_headers = {"x-ms-error-code": error.code, **(headers or {})}
+    if error.status == 429:
+        all_headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
+    return JSONResponse(error.as_dict(), status_code=error.status, headers=all_headers)
+
+
+def _internal_error() -> ApiError:
+    return ApiError(500, "internal_error", "internal error")
+
+
+async def _on_api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return _error_response(exc)
+
+
+async def _on_http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 (unknown route, wrong method) in our envelope, not plain text."""
+    assert isinstance(exc, StarletteHTTPException)
+    code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+    if exc.status_code == 404:
+        message = f"no route {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    else:
+        message = HTTPStatus(exc.status_code).phrase
+    return _error_response(ApiError(exc.status_code, code, message), headers=exc.headers)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> Response:
+    """Never FastAPI's own 422 body: validation belongs to ``parse_request``."""
+    return _error_response(bad_request("the request does not match the API schema"))
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> Response:
+    """Our bug: log the traceback here, tell the client nothing internal."""
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _error_response(_internal_error())
+
+
+# ----------------------------------------------------------------------------- auth
+
+
+class _ApiKeyMiddleware:
+    """Require the key on every route but /health, as ``api-key`` (Azure) or Bearer (OpenAI)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in _OPEN_PATHS or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        error = ApiError(
+            401,
+            "unauthorized",
+            "missing or invalid API key (send it as 'api-key: KEY' or 'Authorization: Bearer KEY')",
+        )
+        response = _error_response(error, headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        headers = Headers(scope=scope)
+        candidates = [headers.get("api-key", "")]
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            candidates.append(token.strip())
+        # Check every candidate so the time taken does not depend on which header matched.
+        matches = [hmac.compare_digest(c.encode(), self._key) for c in candidates]
+        return any(matches)
+
+
+# ----------------------------------------------------------------------------- admission
+
+
+class _Admission:
+    """Bounds chat requests generating or waiting for the model; the next one gets 429.
+
+    The service serialises generation with a lock, so waiting requests block worker threads. Each
+    admitted request needs at most one thread at a time, so a private thread limiter of the same
+    size can never starve the request that holds the model (the shared default pool could).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._active = 0
+        self._guard = threading.Lock()  # TestClient may drive one app from several event loops
+        self._threads = anyio.CapacityLimiter(limit)
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    def enter(self) -> None:
+        with self._guard:
+            if self._active >= self.limit:
+                raise ApiError(
+                    429,
+                    "too_many_requests",
+                    f"{self.limit} requests are already running or waiting for the model; "
+                    f"retry after {RETRY_AFTER_SECONDS} s",
+                )
+            self._active += 1
+
+    def leave(self) -> None:
+        with self._guard:
+            self._active -= 1
+
+    async def run(self, func: Callable[..., T], *args: Any) -> T:
+        """Run blocking ``func`` in a worker thread (never on the event loop)."""
+        return await anyio.to_thread.run_sync(func, *args, limiter=self._threads)
+
+
+# ----------------------------------------------------------------------------- request bodies
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """Raw bytes (at most ``limit``) -> JSON value; FastAPI never sees the body."""
+    too_large = ApiError(413, "payload_too_large", f"the request body exceeds {limit} bytes", None)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        value = json.loads(raw, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        detail = f"{exc.msg} (line {exc.lineno}, column {exc.colno})"
+    except UnicodeDecodeError:
+        detail = "it is not UTF-8 text"
+    except RecursionError:
+        detail = "it is nested too deeply"
+    except ValueError as exc:  # NaN / Infinity, refused by _reject_constant
+        detail = str(exc)
+    else:
+        return value
+    raise bad_request(f"the request body is not valid JSON: {detail}", code="invalid_json")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def _sse(data: Mapping[str, Any]) -> bytes:
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return b"data: " + text.encode() + b"\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that always runs ``cleanup`` when it ends, however it ends."""
+
+    def __init__(self, content: AsyncIterator[bytes], cleanup: Callable[[], Any]) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._cleanup()
+
+
+async def _watch_disconnect(request: Request, cancelled: threading.Event) -> None:
+    """Set ``cancelled`` when the client goes away, so the engine stops after its current step."""
+    while not cancelled.is_set():
+        if await request.is_disconnected():
+            log.info("client disconnected; cancelling generation")
+            cancelled.set()
+            return
+        await asyncio.sleep(_DISCONNECT_POLL_SECONDS)
+
+
+async def _stream(request: Request, chat: ChatRequest, route: Route) -> Response:
+    """Produce the first chunk before answering 200, so early errors keep their 4xx status."""
+    service: ChatService = request.app.state.service
+    admission: _Admission = request.app.state.admission
+    cancelled = threading.Event()
+    watcher = asyncio.ensure_future(_watch_disconnect(request, cancelled))
+    usage_chunk = route == "openai" and chat.include_usage_in_stream
+    # OpenAI sends usage only when stream_options.include_usage asks for it.
+    drop_usage = route == "openai" and not usage_chunk
+    chunks = service.stream(chat, cancelled=cancelled.is_set, usage_chunk=usage_chunk)
+
+    async def cleanup() -> None:
+        cancelled.set()
+        watcher.cancel()
+        try:
+            # Closing the generator releases the model lock even if the client left mid-stream.
+            # No worker can be inside it now: thread calls are not abandoned on cancellation.
+            await admission.run(chunks.close)
+        finally:
+            admission.leave()
+
+    def event(chunk: StreamingChatCompletionsUpdate) -> bytes:
+        data = chunk.as_dict()
+        if drop_usage:
+            data.pop("usage", None)
+        return _sse(data)
+
+    try:
+        first = await admission.run(next, chunks, _END)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await cleanup()
+        raise
+
+    async def events() -> AsyncIterator[bytes]:
+        if first is not _END:
+            yield event(first)
+        try:
+            while (chunk := await admission.run(next, chunks, _END)) is not _END:
+                yield event(chunk)
+        except ApiError as exc:
+            yield _sse(exc.as_dict())
+            return
+        except Exception:
+            log.exception("error while streaming")
+            yield _sse(_internal_error().as_dict())
+            return
+        yield _DONE
+
+    return _EventStream(events(), cleanup)
+
+
+# ----------------------------------------------------------------------------- routes
+
+router = APIRouter()
+
+# The body is read and validated by hand (parse_request), so describe it for the schema here.
+_API_VERSION = {
+    "name": "api-version",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "Sent by the Azure SDK; accepted and ignored.",
+}
+_CHAT_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["messages"],
+                "properties": {"messages": {"type": "array", "items": {"type": "object"}}},
+                "additionalProperties": True,
+            }
+        }
+    },
+}
+_AZURE_CHAT = {
+    "parameters": [
+        _API_VERSION,
+        {
+            "name": "extra-parameters",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "enum": ["error", "drop", "pass-through"]},
+            "description": "What to do with parameters outside the Azure schema (default error).",
+        },
+    ],
+    "requestBody": _CHAT_BODY,
+}
+
+
+async def _chat(request: Request, route: Route) -> Response:
+    """Both chat routes: read, validate, admit, then answer whole or as a stream."""
+    state = request.app.state
+    body = await _read_json(request, state.settings.max_body_bytes)
+    policy = request.headers.get("extra-parameters") if route == "azure" else None
+    chat = parse_request(body, route=route, extra_parameters=policy)
+    state.admission.enter()
+    if chat.stream:
+        return await _stream(request, chat, route)  # leaves the admission when the stream ends
+    try:
+        result = await state.admission.run(state.service.complete, chat)
+    finally:
+        state.admission.leave()
+    return JSONResponse(result.as_dict())
+
+
+@router.get("/health", summary="Liveness probe (no API key needed)")
+async def health() -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+@router.get(
+    "/info",
+    summary="The served model (Azure AI Model Inference: get_model_info)",
+    openapi_extra={"parameters": [_API_VERSION]},
+)
+async def info(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.state.service.model_info().as_dict())
+
+
+@router.get("/models/info", summary="Alias of /info")
+async def models_info(request: Request) -> JSONResponse:
+    return await info(request)
+
+
+@router.post(
+    "/chat/completions",
+    summary="Chat completions, Azure AI Model Inference API",
+    openapi_extra=_AZURE_CHAT,
+)
+async def chat_completions_azure(request: Request) -> Response:
+    """Parameters outside the Azure schema follow the ``extra-parameters`` header."""
+    return await _chat(request, "azure")
+
+
+@router.post(
+    "/v1/chat/completions",
+    summary="Chat completions, OpenAI-compatible",
+    openapi_extra={"requestBody": _CHAT_BODY},
+)
+async def chat_completions_openai(request: Request) -> Response:
+    return await _chat(request, "openai")
+
+
+@router.get("/v1/models", summary="The served model in OpenAI's list shape")
+async def list_models(request: Request) -> JSONResponse:
+    service: ChatService = request.app.state.service
+    model = {
+        "id": service.model_name,
+        "object": "model",
+        "created": request.app.state.model_created,
+        "owned_by": "microsoft",
+    }
+    return JSONResponse({"object": "list", "data": [model]})
+
+
+def create_app(service: ChatService, settings: ServerSettings | None = None) -> FastAPI:
+    """A FastAPI app over ``service``; everything it needs lives on ``app.state``."""
+    settings = settings or ServerSettings()
+    app = FastAPI(
+        title="phi3edge",
+        version=_package_version(),
+        description="Phi-3 chat completions on this machine (Azure AI Model Inference / OpenAI).",
+        docs_url=None,  # the docs pages load scripts from a CDN; /openapi.json stays
+        redoc_url=None,
+        redirect_slashes=False,
+    )
+    app.state.service = service
+    app.state.settings = settings
+    app.state.admission = _Admission(settings.max_queue)
+    manifest = Path(service.model.folder) / MANIFEST
+    app.state.model_created = int(manifest.stat().st_mtime) if manifest.exists() else 0
+    app.include_router(router)
+    app.add_exception_handler(ApiError, _on_api_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_exception)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(Exception, _on_unexpected)
+    if settings.api_key:
+        app.add_middleware(_ApiKeyMiddleware, api_key=settings.api_key)
+    if settings.cors_origins:  # added last, so preflight requests are answered before auth
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+        )
+    return app
+
+
+def _package_version() -> str:
+    """The installed version; a source checkout on PYTHONPATH has no metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("phi3edge")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind before uvicorn starts, so ``port=0`` yields the real port to print."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    if sys.platform != "win32":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    """The base URL a bound socket answers on."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve(
+    model_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    threads: int | None = None,
+) -> None:
+    """Load the model, then serve it with uvicorn until interrupted."""
+    import uvicorn
+
+    settings = ServerSettings(host=host, port=port, api_key=api_key)
+    service = ChatService(model_dir, threads=threads)
+    app = create_app(service, settings)
+    sock = bind_socket(settings.host, settings.port)
+    announcement = (
+        f"phi3edge serving {service.model_name} at {url_of(sock)} "
+        "(routes: /chat/completions, /v1/chat/completions)"
+    )
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                print(announcement, flush=True)
+
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)
+    try:
+        _Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
