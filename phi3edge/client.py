@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phi3edge.errors import ApiError, bad_request
+from phi3edge.errors import ApiError, bad_request, in_batch
 from phi3edge.schema import (
     AZURE_PARAMETERS,
     PHI3_EXTRA_PARAMETERS,
@@ -123,25 +123,21 @@ class ChatCompletionsClient:
         return parse_request(request_body, route="azure", extra_parameters="pass-through")
 
     def complete_batch(self, requests: list[dict[str, Any]]) -> list[ChatCompletions]:
-        """Answer many requests (each a dict of ``complete`` keyword arguments), in order.
+        """Answer many requests (each a dict of ``complete`` keyword arguments) in one batch.
 
-        Every request is validated before any runs, so a bad one fails the batch up front with
-        its index in ``ApiError.param``. Requests run one after another on the model (sharing
-        the KV cache when they share a prefix); see README for why they are not yet one batch.
+        Results come back in order. Every request is validated before any runs, so a bad one
+        fails the batch up front with its index in ``ApiError.param``.
         """
         prepared = []
         for index, params in enumerate(requests):
             try:
                 request = self._request(dict(params))
             except ApiError as exc:
-                param = f"requests[{index}]" + (f".{exc.param}" if exc.param else "")
-                raise ApiError(
-                    exc.status, exc.code, f"request {index}: {exc.message}", param
-                ) from None
+                raise in_batch(exc, index) from None
             if request.stream:
                 raise bad_request("complete_batch does not stream", f"requests[{index}].stream")
             prepared.append(request)
-        return [self._service.complete(request) for request in prepared]
+        return self._service.complete_batch(prepared)
 
     def close(self) -> None:
         """Present for parity with the Azure client; the model is freed with the client."""

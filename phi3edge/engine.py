@@ -144,44 +144,149 @@ def generate(
     cancelled: Callable[[], bool] | None = None,
     cache: PrefixCache | None = None,
 ) -> Iterator[list[ChoiceStep]]:
-    """Run prefill and decode; yield one list of ``ChoiceStep`` per decode step."""
-    n = cfg.n
+    """One request: prefill once, then decode each of its ``n`` choices; yield per step.
+
+    onnxruntime-genai cannot fork a prefilled KV cache into a batch, and a batch of ``n`` copies
+    of the prompt pays the prefill ``n`` times (3.9x for n=4 here). So the choices share one
+    prefill: after choice ``i`` ends, the generator is rewound to the prompt and choice ``i+1``
+    re-runs only the prompt's last token (bit-identical logits, see the tests). Decoding of the
+    choices is sequential; each choice keeps its own RNG stream ``(seed, i)``.
+    """
     vocab = model.vocab_size
     params = sampler_params(cfg, vocab)
-    sample_params = [params] * n
-    states = [_sampling.RowState(vocab, cfg.seed, i) for i in range(n)]
-    choices = [_Choice(i, IncrementalDecoder(model.table), StopFilter(cfg.stop)) for i in range(n)]
-    filler = np.int32(min(model.eos_ids))
-
-    max_length = len(prompt.ids) + prompt.max_new_tokens
-    cached = cache is not None and cache.entries > 0 and n == 1
-    if cached:
+    need = len(prompt.ids) + prompt.max_new_tokens
+    if cache is not None and cache.entries > 0:
         # allocate room for the next turns too, so the next request can reuse this KV
-        allocate = min(model.context_length, max_length + CACHE_HEADROOM)
-        generator, start, max_length = cache.take(model, prompt.ids, max_length, allocate)
+        allocate = min(model.context_length, need + CACHE_HEADROOM)
+        generator, start, capacity = cache.take(model, prompt.ids, need, allocate)
     else:
-        generator, start = _new_generator(model, max_length, n), 0
-    finished = False
+        generator, start, capacity = _new_generator(model, need, 1), 0, need
+    healthy = False
     try:
-        generator.append_tokens(np.tile(np.asarray(prompt.ids[start:], dtype=np.int32), (n, 1)))
-        while True:
-            logits = generator.get_logits()
-            step = _sampling.sample(logits, sample_params, states)
-            yield [
-                _advance(model, choice, step, row, prompt.max_new_tokens, cfg.logprobs)
-                for row, choice in enumerate(choices)
-                if choice.finish_reason is None
-            ]
-            if all(c.finish_reason for c in choices) or (cancelled and cancelled()):
-                finished = True
-                return
-            chosen = np.where([c.finish_reason is None for c in choices], step.tokens, filler)
-            generator.set_logits(_sampling.force_logits(chosen.astype(np.int32), vocab))
-            generator.generate_next_token()
+        for index in range(cfg.n):
+            if index > 0:
+                start = len(prompt.ids) - 1
+                generator.rewind_to(start)
+            generator.append_tokens(np.asarray([prompt.ids[start:]], dtype=np.int32))
+            row = _Row(
+                0,
+                _Choice(index, IncrementalDecoder(model.table), StopFilter(cfg.stop)),
+                params,
+                _sampling.RowState(vocab, cfg.seed, index),
+                prompt.max_new_tokens,
+                cfg.logprobs,
+            )
+            for steps in _decode(model, generator, [row], cancelled):
+                yield [step for _, step in steps]
+            if cancelled and cancelled():
+                break
+        healthy = True
     finally:
-        if cached and finished:
-            cache.put(generator, max_length)
+        if cache is not None and cache.entries > 0 and healthy:
+            cache.put(generator, capacity)
         del generator
+
+
+@dataclass
+class BatchItem:
+    """One request of a batch: its prompt and sampling parameters."""
+
+    prompt: Prompt
+    cfg: SamplingConfig
+
+
+MAX_BATCH_ROWS = 16
+
+
+def generate_batch(
+    model: LoadedModel, items: list[BatchItem]
+) -> Iterator[list[tuple[int, ChoiceStep]]]:
+    """Many requests decoded together; yield per step ``(request index, ChoiceStep)`` pairs.
+
+    Requests of different lengths share one onnxruntime-genai batch: prompts minus their last
+    token are right-padded with the pad id (masked), then every row's last prompt token is fed in
+    one forced step, so each row's KV and positions are exactly its own (logits match single runs
+    to float rounding, see the tests). Requests are grouped by length so padding stays small and
+    each group fits the context; a request with ``n`` choices takes ``n`` rows.
+    """
+    order = sorted(range(len(items)), key=lambda i: len(items[i].prompt.ids))
+    group: list[int] = []
+    for index in [*order, None]:
+        if index is not None:
+            trial = [*group, index]
+            rows = sum(items[i].cfg.n for i in trial)
+            longest = max(len(items[i].prompt.ids) for i in trial)
+            need = longest + max(items[i].prompt.max_new_tokens for i in trial)
+            if not group or (rows <= MAX_BATCH_ROWS and need <= model.context_length):
+                group = trial
+                continue
+        yield from _generate_group(model, items, group)
+        group = [index] if index is not None else []
+
+
+def _generate_group(
+    model: LoadedModel, items: list[BatchItem], group: list[int]
+) -> Iterator[list[tuple[int, ChoiceStep]]]:
+    vocab = model.vocab_size
+    rows: list[_Row] = []
+    prompts: list[list[int]] = []
+    for request in group:
+        item = items[request]
+        params = sampler_params(item.cfg, vocab)
+        for index in range(item.cfg.n):
+            choice = _Choice(index, IncrementalDecoder(model.table), StopFilter(item.cfg.stop))
+            state = _sampling.RowState(vocab, item.cfg.seed, index)
+            rows.append(
+                _Row(request, choice, params, state, item.prompt.max_new_tokens, item.cfg.logprobs)
+            )
+            prompts.append(item.prompt.ids)
+    width = max(len(p) for p in prompts) - 1
+    max_length = width + 1 + max(r.max_new_tokens for r in rows)
+    generator = _new_generator(model, max_length, len(rows))
+    try:
+        padded = [p[:-1] + [model.pad_id] * (width - len(p) + 1) for p in prompts]
+        generator.append_tokens(np.asarray(padded, dtype=np.int32))
+        last = np.asarray([p[-1] for p in prompts], dtype=np.int32)
+        generator.set_logits(_sampling.force_logits(last, vocab))
+        generator.generate_next_token()
+        yield from _decode(model, generator, rows, None)
+    finally:
+        del generator
+
+
+@dataclass
+class _Row:
+    """One choice being generated in a batch row."""
+
+    request: int
+    choice: _Choice
+    params: _sampling.SamplingParams
+    state: _sampling.RowState
+    max_new_tokens: int
+    logprobs: bool
+
+
+def _decode(
+    model: LoadedModel, generator: Any, rows: list[_Row], cancelled: Callable[[], bool] | None
+) -> Iterator[list[tuple[int, ChoiceStep]]]:
+    """The decode loop for rows whose prompts are in the generator and whose logits are ready."""
+    vocab = model.vocab_size
+    filler = np.int32(min(model.eos_ids))
+    params = [r.params for r in rows]
+    states = [r.state for r in rows]
+    while True:
+        step = _sampling.sample(generator.get_logits(), params, states)
+        yield [
+            (r.request, _advance(model, r.choice, step, i, r.max_new_tokens, r.logprobs))
+            for i, r in enumerate(rows)
+            if r.choice.finish_reason is None
+        ]
+        if all(r.choice.finish_reason for r in rows) or (cancelled and cancelled()):
+            return
+        active = [r.choice.finish_reason is None for r in rows]
+        chosen = np.where(active, step.tokens, filler).astype(np.int32)
+        generator.set_logits(_sampling.force_logits(chosen, vocab))
+        generator.generate_next_token()
 
 
 def _advance(

@@ -49,3 +49,9 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_req
 def not_supported(message: str, param: str | None = None) -> ApiError:
     """422: the request is valid but this model cannot do what it asks."""
     return ApiError(422, "parameter_not_supported", message, param)
+
+
+def in_batch(error: ApiError, index: int) -> ApiError:
+    """The same error, naming request ``index`` of a batch."""
+    param = f"requests[{index}]" + (f".{error.param}" if error.param else "")
+    return ApiError(error.status, error.code, f"request {index}: {error.message}", param)

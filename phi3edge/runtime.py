@@ -45,13 +45,22 @@ def physical_cores() -> int:
     return os.cpu_count() or 1
 
 
-def session_overlay(threads: int) -> dict[str, Any]:
-    """The genai_config fragment that fixes ONNX Runtime's thread pools."""
+def config_overlay(threads: int, pad_id: int) -> dict[str, Any]:
+    """The genai_config fragment we apply at load time.
+
+    - ONNX Runtime's thread pools, set explicitly.
+    - End of sequence: our sampler decides when a choice ends (``LoadedModel.eos_ids``). The
+      engine feeds a batch's last prompt token, ``<|assistant|>`` (an EOS id in Phi-3's config),
+      through a forced greedy step, which onnxruntime-genai would treat as the end of that row.
+      So onnxruntime-genai's own EOS set is narrowed to the pad id, which we never force for a
+      running row.
+    """
     return {
         "model": {
+            "eos_token_id": pad_id,  # an int: overlaying a list would append to the list
             "decoder": {
                 "session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
-            }
+            },
         }
     }
 
@@ -66,6 +75,7 @@ class LoadedModel:
     tokenizer: Any
     table: TokenTable
     eos_ids: frozenset[int]
+    pad_id: int
     vocab_size: int
     context_length: int
     threads: int
@@ -87,12 +97,13 @@ def load(folder: str | os.PathLike[str], threads: int | None = None) -> LoadedMo
     if threads < 1:
         raise ValueError("threads must be >= 1")
     genai = json.loads((folder / "genai_config.json").read_text("utf-8"))
-    config = og.Config(str(folder))
-    config.overlay(json.dumps(session_overlay(threads)))
-    model = og.Model(config)
-    tokenizer = og.Tokenizer(model)
     eos = genai["model"]["eos_token_id"]
     eos_ids = frozenset(eos if isinstance(eos, list) else [eos])
+    pad_id = int(genai["model"].get("pad_token_id", min(eos_ids)))
+    config = og.Config(str(folder))
+    config.overlay(json.dumps(config_overlay(threads, pad_id)))
+    model = og.Model(config)
+    tokenizer = og.Tokenizer(model)
     log.info(
         "loaded %s (%s) from %s with %d threads",
         manifest.catalog_id,
@@ -107,6 +118,7 @@ def load(folder: str | os.PathLike[str], threads: int | None = None) -> LoadedMo
         tokenizer=tokenizer,
         table=TokenTable(folder / "tokenizer.json"),
         eos_ids=eos_ids,
+        pad_id=pad_id,
         vocab_size=int(genai["model"]["vocab_size"]),
         context_length=int(genai["model"]["context_length"]),
         threads=threads,

@@ -15,12 +15,13 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from phi3edge import engine, runtime
 from phi3edge.catalog import get as catalog_member
 from phi3edge.engine import ChoiceStep, TokenLogprob
-from phi3edge.errors import ApiError
+from phi3edge.errors import ApiError, in_batch
 from phi3edge.prompt import build_prompt
 from phi3edge.schema import (
     ChatChoice,
@@ -61,25 +62,48 @@ class ChatService:
     def complete(
         self, request: ChatRequest, cancelled: Callable[[], bool] | None = None
     ) -> ChatCompletions:
-        texts: dict[int, list[str]] = {}
-        tokens: dict[int, list[TokenLogprob]] = {}
-        finish: dict[int, str] = {}
-        usage = _usage(0, 0)
+        answer = _Answer(request.n)
         for steps, prompt_tokens, completion_tokens in self._run(request, cancelled):
-            usage = _usage(prompt_tokens, completion_tokens)
-            for step in steps:
-                texts.setdefault(step.index, []).append(step.text)
-                tokens.setdefault(step.index, []).extend(step.tokens)
-                if step.finish_reason:
-                    finish[step.index] = step.finish_reason
-        if len(finish) < request.n:  # only when cancelled: nobody is waiting for an answer
+            answer.add(steps)
+            answer.prompt_tokens, answer.completion_tokens = prompt_tokens, completion_tokens
+        if not answer.done():  # only when cancelled: nobody is waiting for an answer
             raise ApiError(499, "client_closed_request", "the client closed the request")
+        return self._completions(request, answer)
+
+    def complete_batch(self, requests: list[ChatRequest]) -> list[ChatCompletions]:
+        """Answer many requests as one onnxruntime-genai batch (see ``engine.generate_batch``).
+
+        Everything is validated (model name, context budget, logit_bias ids) before any runs;
+        an ``ApiError`` names the request by index in ``param``.
+        """
+        items = []
+        for index, request in enumerate(requests):
+            try:
+                self._check_model(request)
+                cfg = request.sampling()
+                engine.sampler_params(cfg, self.model.vocab_size)
+                prompt = build_prompt(self.model, request.messages, cfg.max_tokens)
+            except ApiError as exc:
+                raise in_batch(exc, index) from None
+            items.append(engine.BatchItem(prompt, cfg))
+        answers = [
+            _Answer(r.n, prompt_tokens=len(i.prompt.ids))
+            for r, i in zip(requests, items, strict=True)
+        ]
+        with self._lock:
+            for steps in engine.generate_batch(self.model, items):
+                for request_index, step in steps:
+                    answers[request_index].add([step])
+                    answers[request_index].completion_tokens += 1
+        return [self._completions(r, a) for r, a in zip(requests, answers, strict=True)]
+
+    def _completions(self, request: ChatRequest, answer: _Answer) -> ChatCompletions:
         choices = [
             ChatChoice(
                 index=i,
-                finish_reason=finish[i],
-                message=ChatResponseMessage(content="".join(texts[i])),
-                logprobs=self._logprobs(tokens[i]) if request.logprobs else None,
+                finish_reason=answer.finish[i],
+                message=ChatResponseMessage(content="".join(answer.texts[i])),
+                logprobs=self._logprobs(answer.tokens[i]) if request.logprobs else None,
             )
             for i in range(request.n)
         ]
@@ -88,7 +112,7 @@ class ChatService:
             created=_now(),
             model=self.model_name,
             choices=choices,
-            usage=usage,
+            usage=_usage(answer.prompt_tokens, answer.completion_tokens),
         )
 
     # ------------------------------------------------------------------ streams
@@ -152,13 +176,7 @@ class ChatService:
         self, request: ChatRequest, cancelled: Callable[[], bool] | None = None
     ) -> Iterator[tuple[list[ChoiceStep], int, int]]:
         """Validate against this model, then yield (steps, prompt_tokens, completion_tokens)."""
-        if request.model and request.model.lower() not in self._aliases:
-            raise ApiError(
-                404,
-                "model_not_found",
-                f"model '{request.model}' is not served here; this server runs {self.model_name}",
-                "model",
-            )
+        self._check_model(request)
         cfg = request.sampling()
         with self._lock:
             if cancelled and cancelled():
@@ -168,6 +186,15 @@ class ChatService:
             for steps in engine.generate(self.model, prompt, cfg, cancelled, self.prefix_cache):
                 completion_tokens += len(steps)
                 yield steps, len(prompt.ids), completion_tokens
+
+    def _check_model(self, request: ChatRequest) -> None:
+        if request.model and request.model.lower() not in self._aliases:
+            raise ApiError(
+                404,
+                "model_not_found",
+                f"model '{request.model}' is not served here; this server runs {self.model_name}",
+                "model",
+            )
 
     def _logprobs(self, tokens: list[TokenLogprob]) -> ChoiceLogprobs:
         table = self.model.table
@@ -187,6 +214,28 @@ class ChatService:
                 for t in tokens
             ]
         )
+
+
+@dataclass
+class _Answer:
+    """What the steps of one request add up to."""
+
+    n: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    texts: dict[int, list[str]] = field(default_factory=dict)
+    tokens: dict[int, list[TokenLogprob]] = field(default_factory=dict)
+    finish: dict[int, str] = field(default_factory=dict)
+
+    def add(self, steps: list[ChoiceStep]) -> None:
+        for step in steps:
+            self.texts.setdefault(step.index, []).append(step.text)
+            self.tokens.setdefault(step.index, []).extend(step.tokens)
+            if step.finish_reason:
+                self.finish[step.index] = step.finish_reason
+
+    def done(self) -> bool:
+        return len(self.finish) == self.n
 
 
 def _chain(first: tuple, rest: Iterator) -> Iterator:

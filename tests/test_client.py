@@ -267,23 +267,35 @@ def test_thread_setting_reaches_the_onnxruntime_session(tiny_int4: Path) -> None
 
 
 def test_complete_batch_answers_in_order_like_single_calls(client: ChatCompletionsClient) -> None:
+    """Different prompt lengths, parameters and n in one batch give what single calls give."""
     requests = [
         {
-            "messages": [UserMessage(f"Item {i} is")],
-            "max_tokens": 4 + i,
+            "messages": [UserMessage("Item " + "very " * (3 * i) + f"number {i} is")],
+            "max_tokens": 4 + 3 * i,
             "seed": i,
-            "temperature": 0.7,
+            "temperature": 0.6 + 0.1 * i,
+            "presence_penalty": 0.5 * i,
+            "logprobs": True,
+            "top_logprobs": 2,
+            "n": 1 + i % 2,
         }
-        for i in range(4)
+        for i in range(5)
     ]
     batch = client.complete_batch(requests)
     singles = [client.complete(**r) for r in requests]
-    assert [b.choices[0].message.content for b in batch] == [
-        s.choices[0].message.content for s in singles
-    ]
+    for b, s in zip(batch, singles, strict=True):
+        assert [c.message.content for c in b.choices] == [c.message.content for c in s.choices]
+        assert [c.finish_reason for c in b.choices] == [c.finish_reason for c in s.choices]
+        assert b.usage.as_dict() == s.usage.as_dict()
+        for bc, sc in zip(b.choices, s.choices, strict=True):
+            got = [e.logprob for e in bc.logprobs.content]
+            assert got == pytest.approx([e.logprob for e in sc.logprobs.content], abs=1e-4)
     with pytest.raises(ApiError) as info:
         client.complete_batch([requests[0], {"messages": HELLO, "top_p": 7}])
     assert info.value.param == "requests[1].top_p"
+    with pytest.raises(ApiError) as info:
+        client.complete_batch([requests[0], {"messages": HELLO, "max_tokens": 4000}])
+    assert info.value.param == "requests[1].max_tokens"
 
 
 def test_one_client_from_many_threads(client: ChatCompletionsClient) -> None:
@@ -298,3 +310,18 @@ def test_one_client_from_many_threads(client: ChatCompletionsClient) -> None:
     expected = [ask(i) for i in range(6)]
     with ThreadPoolExecutor(max_workers=6) as pool:
         assert list(pool.map(ask, range(6))) == expected
+
+
+def test_regression_forced_assistant_token_does_not_end_a_batch_row(tiny_int4: Path) -> None:
+    """<|assistant|> is an EOS id in Phi-3's genai_config; forcing it as a batch's last prompt
+    token made onnxruntime-genai end the row, and every later step repeated one token."""
+    from phi3edge import engine, runtime
+    from phi3edge.prompt import Prompt
+    from phi3edge.schema import SamplingConfig
+
+    model = runtime.load(tiny_int4)
+    prompt = Prompt([32010, *range(300, 310), 32007, 32001], 6)
+    cfg = SamplingConfig(temperature=0, logit_bias={32000: -100, 32001: -100, 32007: -100})
+    single = [s[0].text for s in engine.generate(model, prompt, cfg)]
+    batched = [s[0][1].text for s in engine.generate_batch(model, [engine.BatchItem(prompt, cfg)])]
+    assert batched == single and len(set(single)) > 1
