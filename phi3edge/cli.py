@@ -117,6 +117,42 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from phi3edge import runtime
+    from phi3edge.benchmark import NO_END, prompt_ids, time_generation
+    from phi3edge.schema import SamplingConfig
+
+    model_dir = Path(args.model) if args.model else tiny_demo_model()
+    model = runtime.load(model_dir, threads=args.threads)
+    cfg = SamplingConfig(temperature=0.7, top_p=0.9, seed=0, logit_bias=NO_END)
+    ids = prompt_ids(args.prompt_tokens)
+    time_generation(model, ids[:16], 2, cfg)  # warm-up
+    _progress(
+        f"{model.name}: {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
+        f"{model.threads} threads, median of {args.repeats}"
+    )
+    runs = sorted(
+        (time_generation(model, ids, args.new_tokens, cfg) for _ in range(args.repeats)),
+        key=lambda t: t.first_token_s,
+    )
+    median = runs[len(runs) // 2]
+    print(
+        json.dumps(
+            {
+                "model": model.name,
+                "threads": model.threads,
+                "time_to_first_token_s": round(median.first_token_s, 3),
+                "prefill_tokens_per_s": round(median.prefill_tok_s, 2),
+                "decode_tokens_per_s": round(
+                    sorted(r.decode_tok_s for r in runs)[len(runs) // 2], 2
+                ),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from phi3edge.server import serve
 
@@ -168,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.add_argument("--threads", type=int, default=None)
     chat.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser("bench", help="time to first token, prefill and decode speed")
+    bench.add_argument("model", nargs="?", help="exported model folder (default: the tiny demo)")
+    bench.add_argument("--prompt-tokens", type=int, default=128)
+    bench.add_argument("--new-tokens", type=int, default=32)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--threads", type=int, default=None)
+    bench.set_defaults(func=cmd_bench)
 
     serve = sub.add_parser("serve", help="serve the chat-completions API over HTTP")
     serve.add_argument("model")

@@ -25,27 +25,22 @@ import numpy as np
 from benchlib import full_model, machine, median_time, table
 
 from phi3edge import engine, runtime
+from phi3edge.benchmark import NO_END, prompt_ids, time_generation
 from phi3edge.client import ChatCompletionsClient
 from phi3edge.prompt import Prompt
 from phi3edge.schema import SamplingConfig
 
 DECODE_TOKENS = 64
-BANNED = {32000: -100.0, 32001: -100.0, 32007: -100.0}  # keep random weights from stopping early
 ALL_FEATURES = SamplingConfig(
     temperature=0.7,
     top_p=0.9,
     presence_penalty=0.5,
     frequency_penalty=0.5,
-    logit_bias={**BANNED, **{i: 1.0 for i in range(1000, 1007)}},
+    logit_bias={**NO_END, **{i: 1.0 for i in range(1000, 1007)}},
     top_logprobs=20,
     logprobs=True,
     seed=1,
 )
-
-
-def prompt_ids(length: int, seed: int = 0) -> list[int]:
-    rng = np.random.default_rng(seed)
-    return [32010, *rng.integers(300, 32000, size=length - 3).tolist(), 32007, 32001]
 
 
 def raw_og(model: runtime.LoadedModel, ids: list[int], new_tokens: int) -> tuple[float, float]:
@@ -74,16 +69,9 @@ def ours(
     cfg: SamplingConfig = ALL_FEATURES,
     cache: engine.PrefixCache | None = None,
 ) -> tuple[float, float]:
-    """Our engine loop: (seconds to first token, decode tok/s per choice)."""
-    started = time.perf_counter()
-    first = end = 0.0
-    for step_index, _ in enumerate(
-        engine.generate(model, Prompt(ids, new_tokens), cfg, None, cache)
-    ):
-        if step_index == 0:
-            first = time.perf_counter()
-    end = time.perf_counter()
-    return first - started, (new_tokens - 1) / (end - first)
+    """Our engine: (seconds to first token, decode tok/s per choice)."""
+    timing = time_generation(model, ids, new_tokens, cfg, cache)
+    return timing.first_token_s, timing.decode_tok_s
 
 
 def med(pairs: list[tuple[float, float]]) -> tuple[float, float]:
@@ -149,7 +137,7 @@ def main() -> None:
 
     # cold vs cached time to first token: a 1000-token conversation extended by 50 tokens
     history, extension = prompt_ids(1000, seed=5), prompt_ids(50, seed=6)
-    greedy = SamplingConfig(temperature=0, logit_bias=BANNED)
+    greedy = SamplingConfig(temperature=0, logit_bias=NO_END)
     cold = median_time(lambda: ours(model, history + extension, 1, greedy), r)
 
     def warm_then_extend() -> float:
@@ -168,7 +156,7 @@ def main() -> None:
             "messages": [{"role": "user", "content": f"Request {i}: tell me about topic {i}."}],
             "max_tokens": 16,
             "temperature": 0,
-            "logit_bias": {str(k): v for k, v in BANNED.items()},
+            "logit_bias": {str(k): v for k, v in NO_END.items()},
         }
         for i in range(8)
     ]
