@@ -1,13 +1,14 @@
-"""The decode loop: prompt ids in, per-step text deltas out, for all choices of a request at once.
+"""The decode loop: prompt ids in, per-step text deltas out.
 
-Input: a ``LoadedModel``, a ``Prompt`` and the request's ``SamplingConfig``.
-Output: an iterator of steps; each step lists, per choice still running, the text it may emit now,
-the tokens it accepted (with logprobs) and, when it ends, its finish reason.
-Errors: ``ApiError`` 400 for a logit_bias id outside the vocabulary; anything else is our bug.
+Input: a ``LoadedModel`` and one request (``generate``: a ``Prompt`` and its ``SamplingConfig``)
+or many (``generate_batch``). Output: an iterator of steps; each lists, per choice still running,
+the text it may emit now, the token it accepted (with logprobs) and, when it ends, its finish
+reason. Errors: ``ApiError`` 400 for a logit_bias id outside the vocabulary; anything else is a bug.
 
-onnxruntime-genai runs the model; every token is chosen by our C++ sampler (``phi3edge._sampling``).
-With batch > 1 onnxruntime-genai refuses a second ``append_tokens``, so each step writes a logits
-tensor that keeps only the chosen tokens (``force_logits``) and lets its greedy search take them.
+onnxruntime-genai runs the model; every token is chosen by our C++ sampler (``phi3edge._sampling``),
+one call per step for all rows. onnxruntime-genai refuses a second ``append_tokens`` on a batch, so
+each step writes a logits tensor that keeps only the chosen tokens (``force_logits``) and lets its
+greedy search take them.
 """
 
 from __future__ import annotations
