@@ -100,9 +100,7 @@ def export(
         raise ExportError(f"{member.id} cannot be exported for CPU: {member.cpu_note}")
     say(f"exporting {member.id} from {source_dir} to {precision} ONNX")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         _run_builder(source_dir, staging, precision, block_size, say)
         checksum = source_checksum(source_dir)
         Manifest(
@@ -117,6 +115,18 @@ def export(
             phi3edge_version=_version("phi3edge"),
             onnxruntime_genai_version=_version("onnxruntime-genai"),
         ).write(staging)
+    say(f"done in {time.monotonic() - started:.1f} s: {out}")
+    return out
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """Build a folder in a temporary sibling and rename it to ``out`` only when complete, so a
+    failure (or Ctrl-C) never leaves a half-written ``out`` behind."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield staging
         staging.chmod(0o755)
         if out.exists():
             out.rmdir()
@@ -124,8 +134,6 @@ def export(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    say(f"done in {time.monotonic() - started:.1f} s: {out}")
-    return out
 
 
 def _resolve_source(source: str, say: Callable[[str], None]) -> Path:

@@ -16,13 +16,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from phi3edge import catalog
+from phi3edge.export import staged_folder
 from phi3edge.tokenizer_fixture import build_phi3_tokenizer, phi3_tokenizer_config
 
 log = logging.getLogger(__name__)
@@ -115,10 +114,7 @@ def write_random_checkpoint(
     member = catalog.get(member_id)
     full = size == "full"
     config["torch_dtype"] = "bfloat16" if full else "float32"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".phi3edge-ckpt-", dir=out.parent))
-    staging.chmod(0o755)
-    try:
+    with staged_folder(out) as staging:
         rng = torch.Generator().manual_seed(seed)
         shards: dict[str, str] = {}
         for index, tensors in enumerate(_random_tensors(config, rng, bf16=full)):
@@ -141,12 +137,6 @@ def write_random_checkpoint(
         build_phi3_tokenizer().save(str(staging / "tokenizer.json"))
         tokenizer_config = phi3_tokenizer_config(template, config["max_position_embeddings"])
         (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

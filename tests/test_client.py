@@ -91,33 +91,20 @@ def test_seed_reproduces_and_n_choices_differ(client: ChatCompletionsClient, tin
 
 
 def test_stop_string_ends_the_choice_and_never_appears(client: ChatCompletionsClient) -> None:
-    free = client.complete(
-        messages=HELLO, max_tokens=30, seed=3, temperature=1.0, logit_bias={32007: -100}
-    )
-    text = free.choices[0].message.content
+    kwargs = {
+        "messages": HELLO,
+        "max_tokens": 30,
+        "seed": 3,
+        "temperature": 1.0,
+        "logit_bias": {32007: -100},
+    }
+    text = client.complete(**kwargs).choices[0].message.content
     stop = text[5:8]
     assert len(stop) == 3
-    stopped = client.complete(
-        messages=HELLO,
-        max_tokens=30,
-        seed=3,
-        temperature=1.0,
-        logit_bias={32007: -100},
-        stop=[stop],
-    )
+    stopped = client.complete(**kwargs, stop=[stop])
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].message.content == text[: text.index(stop)]
-    streamed = list(
-        client.complete(
-            messages=HELLO,
-            max_tokens=30,
-            seed=3,
-            temperature=1.0,
-            logit_bias={32007: -100},
-            stop=[stop],
-            stream=True,
-        )
-    )
+    streamed = list(client.complete(**kwargs, stop=[stop], stream=True))
     pieces = [u.choices[0].delta.content or "" for u in streamed if u.choices]
     assert "".join(pieces) == text[: text.index(stop)]
 

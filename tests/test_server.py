@@ -8,7 +8,6 @@ settings (CORS, queue size, patched services).
 from __future__ import annotations
 
 import json
-import os
 import queue
 import re
 import subprocess
@@ -35,7 +34,6 @@ KEY = "test-key-0123"
 AUTH = {"api-key": KEY}
 HELLO = [{"role": "user", "content": "Tell me a story about a fox."}]
 NO_EOS = {"32007": -100, "32000": -100, "32001": -100}  # keep generating until max_tokens
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -172,18 +170,17 @@ def test_azure_sdk_complete_with_cloud_parameters(azure: Any) -> None:
     from azure.ai.inference.models import SystemMessage, UserMessage
 
     sent = _Capture()
-    response = azure.complete(
-        messages=[SystemMessage("Be brief."), UserMessage("Tell me a story about a fox.")],
-        presence_penalty=0.5,
-        frequency_penalty=0.3,
-        max_tokens=8,
-        stop=["\n\n\n"],
-        temperature=0.7,
-        top_p=0.9,
-        response_format="text",
-        seed=11,
-        raw_request_hook=sent,
-    )
+    params: dict[str, Any] = {
+        "messages": [SystemMessage("Be brief."), UserMessage("Tell me a story about a fox.")],
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.3,
+        "max_tokens": 8,
+        "stop": ["\n\n\n"],
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "seed": 11,
+    }
+    response = azure.complete(**params, response_format="text", raw_request_hook=sent)
     # What the SDK puts on the wire: Bearer auth, api-version, {"type": "text"}, no extras header.
     assert sent.headers["authorization"] == f"Bearer {KEY}"
     assert "api-version=" in sent.url and "extra-parameters" not in sent.headers
@@ -196,16 +193,7 @@ def test_azure_sdk_complete_with_cloud_parameters(azure: Any) -> None:
     assert response.usage.total_tokens == (
         response.usage.prompt_tokens + response.usage.completion_tokens
     )
-    again = azure.complete(
-        messages=[SystemMessage("Be brief."), UserMessage("Tell me a story about a fox.")],
-        presence_penalty=0.5,
-        frequency_penalty=0.3,
-        max_tokens=8,
-        stop=["\n\n\n"],
-        temperature=0.7,
-        top_p=0.9,
-        seed=11,
-    )
+    again = azure.complete(**params)
     assert again.choices[0].message.content == choice.message.content  # seed reproduces
 
 
@@ -654,16 +642,15 @@ def test_settings_reject_nonsense() -> None:
     assert ServerSettings().host == "127.0.0.1" and ServerSettings().cors_origins == ()
 
 
-def test_cli_serve_port_0_prints_the_real_url(tiny_int4: Path) -> None:
+def test_cli_serve_port_0_prints_the_real_url(tiny_int4: Path, tmp_path: Path) -> None:
+    """The installed package, as a user runs it (cwd away from the source tree)."""
     command = [sys.executable, "-m", "phi3edge.cli", "serve", str(tiny_int4), "--port", "0"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [*command, "--threads", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=env,
-        cwd=ROOT,
+        cwd=tmp_path,
     )
     lines: queue.Queue[str] = queue.Queue()
     assert proc.stdout is not None
