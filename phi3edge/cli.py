@@ -59,15 +59,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from phi3edge.export import export
+    from phi3edge.export import Int4Options, export
 
-    export(
-        args.source,
-        args.out,
-        precision=args.precision,
+    int4 = Int4Options(
         block_size=args.block_size,
-        progress=_progress,
+        accuracy_level=args.accuracy_level,
+        lm_head=args.lm_head,
+        embeddings=args.embeddings,
     )
+    export(args.source, args.out, precision=args.precision, int4=int4, progress=_progress)
     return 0
 
 
@@ -185,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("out", help="output folder (must not exist or be empty)")
     exp.add_argument("--precision", choices=["int4", "fp32"], default="int4")
     exp.add_argument("--block-size", type=int, default=32, help="INT4 quantization block size")
+    exp.add_argument(
+        "--accuracy-level",
+        type=int,
+        default=4,
+        help="INT4 MatMul activations: 4 int8 (fastest on CPU), 1 fp32",
+    )
+    exp.add_argument("--lm-head", choices=["int4", "int8", "fp32"], default="int4")
+    exp.add_argument("--embeddings", choices=["fp32", "int4"], default="fp32")
     exp.set_defaults(func=cmd_export)
 
     rnd = sub.add_parser("random-checkpoint", help="write a random-weight Phi-3 checkpoint")

@@ -36,6 +36,40 @@ MANIFEST = "phi3edge.json"
 PRECISIONS = ("int4", "fp32")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_BLOCK_SIZE = 32
+ACCURACY_LEVELS = (1, 2, 3, 4)  # MatMulNBits activations: 1 fp32, 2 fp16, 3 bf16, 4 int8
+LM_HEADS = ("int4", "int8", "fp32")
+EMBEDDINGS = ("fp32", "int4")
+
+
+@dataclass(frozen=True)
+class Int4Options:
+    """How the INT4 export quantizes; the defaults were picked by ``scripts/bench_quant.py``."""
+
+    block_size: int = DEFAULT_BLOCK_SIZE
+    accuracy_level: int = 4
+    lm_head: str = "int4"
+    embeddings: str = "fp32"
+
+    def check(self) -> None:
+        for name, value, allowed in (
+            ("block size", self.block_size, BLOCK_SIZES),
+            ("accuracy level", self.accuracy_level, ACCURACY_LEVELS),
+            ("lm_head", self.lm_head, LM_HEADS),
+            ("embeddings", self.embeddings, EMBEDDINGS),
+        ):
+            if value not in allowed:
+                raise ExportError(f"{name} must be one of {allowed}, not {value!r}")
+
+    def builder_options(self) -> list[str]:
+        """The builder's KEY=VALUE extra options for these choices."""
+        options = [f"block_size={self.block_size}", f"accuracy_level={self.accuracy_level}"]
+        if self.lm_head == "int8":
+            options.append("matmul_mixed_precision=last_matmul:int8")
+        elif self.lm_head == "fp32":
+            options.append("nodes_to_exclude=/lm_head/MatMul")
+        if self.embeddings == "int4":
+            options.append("op_types_to_quantize=MatMul/Gather")
+        return options
 
 
 class ExportError(RuntimeError):
@@ -49,7 +83,7 @@ class Manifest:
     catalog_id: str
     hf_id: str
     precision: str
-    block_size: int | None
+    int4: dict[str, Any] | None
     context_length: int
     accepts_system_role: bool
     source: str
@@ -70,13 +104,17 @@ class Manifest:
                 f"{folder} is not a phi3edge model folder (no {MANIFEST}); "
                 "make one with `phi3edge export`"
             ) from None
+        except (TypeError, json.JSONDecodeError):
+            raise ExportError(
+                f"{path} was not written by this phi3edge version; export the model again"
+            ) from None
 
 
 def export(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
     precision: str = "int4",
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    int4: Int4Options | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Convert ``source`` (folder or hub id) into ``out`` and return ``out``."""
@@ -84,8 +122,9 @@ def export(
     out = Path(out).absolute()
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if precision == "int4" and block_size not in BLOCK_SIZES:
-        raise ExportError(f"block size must be one of {BLOCK_SIZES}, not {block_size}")
+    int4 = int4 or Int4Options()
+    if precision == "int4":
+        int4.check()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"output {out} already exists and is not an empty folder")
 
@@ -101,13 +140,14 @@ def export(
     say(f"exporting {member.id} from {source_dir} to {precision} ONNX")
 
     with staged_folder(out) as staging:
-        _run_builder(source_dir, staging, precision, block_size, say)
+        options = int4.builder_options() if precision == "int4" else []
+        _run_builder(source_dir, staging, precision, options, say)
         checksum = source_checksum(source_dir)
         Manifest(
             catalog_id=member.id,
             hf_id=member.hf_id,
             precision=precision,
-            block_size=block_size if precision == "int4" else None,
+            int4=asdict(int4) if precision == "int4" else None,
             context_length=int(config["max_position_embeddings"]),
             accepts_system_role=member.accepts_system_role,
             source=str(source),
@@ -173,11 +213,10 @@ def load_builder() -> Any:
 
 
 def _run_builder(
-    source_dir: Path, out: Path, precision: str, block_size: int, say: Callable[[str], None]
+    source_dir: Path, out: Path, precision: str, options: list[str], say: Callable[[str], None]
 ) -> None:
     """Run onnxruntime-genai's builder, turning its prints into progress lines."""
     builder = load_builder()
-    options = [f"block_size={block_size}"] if precision == "int4" else []
     with tempfile.TemporaryDirectory(prefix="phi3edge-builder-cache-") as cache_dir:
         with (
             _builder_output_as_progress(say),

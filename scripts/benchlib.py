@@ -12,8 +12,11 @@ from phi3edge import export, fixtures
 from phi3edge.cli import cache_dir
 
 
-def full_model(member: str = "phi-3-mini-4k", precision: str = "int4", **options: int) -> Path:
-    """The full-size random checkpoint of ``member`` exported once and cached."""
+def full_model(
+    member: str = "phi-3-mini-4k", precision: str = "int4", **options: int | str
+) -> Path:
+    """The full-size random checkpoint of ``member`` exported once and cached (INT4 options as
+    keyword arguments, e.g. ``block_size=128``)."""
     root = cache_dir() / "bench"
     checkpoint = root / f"full-{member}-random"
     if not (checkpoint / "config.json").exists():
@@ -23,7 +26,8 @@ def full_model(member: str = "phi-3-mini-4k", precision: str = "int4", **options
     exported = root / f"full-{member}-random-{precision}{suffix}"
     if not (exported / export.MANIFEST).exists():
         print(f"exporting to {exported} (about 3 minutes) ...")
-        export.export(checkpoint, exported, precision=precision, progress=print, **options)
+        int4 = export.Int4Options(**options)  # type: ignore[arg-type]
+        export.export(checkpoint, exported, precision=precision, int4=int4, progress=print)
     return exported
 
 

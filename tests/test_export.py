@@ -17,7 +17,12 @@ def test_manifest_records_the_export(tiny_int4: Path, model_factory: Callable) -
     manifest = export.Manifest.read(tiny_int4)
     assert manifest.catalog_id == "phi-3-mini-4k"
     assert manifest.precision == "int4"
-    assert manifest.block_size == export.DEFAULT_BLOCK_SIZE
+    assert manifest.int4 == {
+        "block_size": 32,
+        "accuracy_level": 4,
+        "lm_head": "int4",
+        "embeddings": "fp32",
+    }
     assert manifest.context_length == 2048
     assert manifest.accepts_system_role is False
     assert manifest.source_sha256 == export.source_checksum(model_factory("phi-3-mini-4k"))
@@ -82,6 +87,30 @@ def test_bad_block_size(capsys, tmp_path: Path, model_factory) -> None:
     assert "block size" in _cli_error(
         capsys, "export", src, str(tmp_path / "o"), "--block-size", "7"
     )
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [("--accuracy-level", "7", "accuracy level"), ("--block-size", "48", "block size")],
+)
+def test_bad_int4_options(capsys, tmp_path: Path, model_factory, flag, value, message) -> None:
+    src = str(model_factory("phi-3-mini-4k"))
+    assert message in _cli_error(capsys, "export", src, str(tmp_path / "o"), flag, value)
+
+
+def test_int4_options_reach_the_model(tmp_path: Path, tiny_int4: Path, model_factory) -> None:
+    """int4 embeddings and an int8 lm_head: a smaller file that still loads and runs."""
+    import onnxruntime_genai as og
+
+    options = export.Int4Options(lm_head="int8", embeddings="int4", block_size=64)
+    out = export.export(model_factory("phi-3-mini-4k"), tmp_path / "o", int4=options)
+    size = (out / "model.onnx.data").stat().st_size
+    assert size < (tiny_int4 / "model.onnx.data").stat().st_size
+    graph = (out / "model.onnx").read_bytes()
+    assert b"GatherBlockQuantized" in graph
+    generator_params = og.GeneratorParams(og.Model(str(out)))
+    assert generator_params is not None
+    assert export.Manifest.read(out).int4["lm_head"] == "int8"
 
 
 def test_failed_export_leaves_nothing(tmp_path: Path, model_factory) -> None:
