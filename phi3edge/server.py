@@ -370,9 +370,12 @@ async def _chat(request: Request, route: Route) -> Response:
     state.admission.enter()
     if chat.stream:
         return await _stream(request, chat, route)  # leaves the admission when the stream ends
+    cancelled = threading.Event()  # a client that hangs up frees the model within one step
+    watcher = asyncio.ensure_future(_watch_disconnect(request, cancelled))
     try:
-        result = await state.admission.run(state.service.complete, chat)
+        result = await state.admission.run(state.service.complete, chat, cancelled.is_set)
     finally:
+        watcher.cancel()
         state.admission.leave()
     return JSONResponse(result.as_dict())
 

@@ -509,7 +509,7 @@ def test_internal_error_is_a_json_500_without_internals(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    def broken(request: Any) -> Any:
+    def broken(request: Any, cancelled: Any = None) -> Any:
         raise RuntimeError("secret detail")
 
     monkeypatch.setattr(service, "complete", broken)
@@ -595,6 +595,19 @@ def test_client_disconnect_stops_generation(live: Live, slow_steps: list[int]) -
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
     _wait_idle(live, timeout=5)  # 1500 steps of 10 ms would hold the model for 15 s or more
+    stopped_at = len(slow_steps)
+    time.sleep(0.2)
+    assert len(slow_steps) == stopped_at < 500
+
+
+def test_client_disconnect_stops_a_non_streamed_generation(
+    live: Live, slow_steps: list[int]
+) -> None:
+    body = _msgs(max_tokens=1500, logit_bias=NO_EOS)
+    with httpx.Client(base_url=live.url, headers=AUTH, timeout=0.5) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            client.post(OA, json=body)  # the client gives up and closes the connection
+    _wait_idle(live, timeout=5)
     stopped_at = len(slow_steps)
     time.sleep(0.2)
     assert len(slow_steps) == stopped_at < 500
