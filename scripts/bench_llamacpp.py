@@ -1,0 +1,107 @@
+"""phi3edge vs llama.cpp on the same random Phi-3-mini-4k weights, side by side in one run.
+
+Usage: python scripts/bench_llamacpp.py [--threads 2] [--repeats 3] [--out results/]
+
+Needs llama-cpp-python (built from source here: no wheel on PyPI for this platform) and the GGUF
+files made by ``scripts/gguf_from_checkpoint.py CHECKPOINT F16.gguf --quantize q4_0 q4_k_m``.
+Measures prefill tok/s (128-token prompt) and decode tok/s (64 tokens) for:
+  - phi3edge (all sampling features on) on the default INT4 export (block 32) and on block 128;
+  - llama.cpp Q4_0 and Q4_K_M (``Llama.eval`` on the same token ids, greedy next token).
+Each figure is the median of --repeats runs; models are loaded one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from bench_engine import ALL_FEATURES
+from benchlib import full_model, machine, table
+
+from phi3edge import runtime
+from phi3edge.benchmark import prompt_ids, time_generation
+from phi3edge.cli import cache_dir
+
+PROMPT, DECODE = 128, 64
+
+
+def llama_cpp_run(path: Path, threads: int, ids: list[int]) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of llama.cpp on ``ids`` then DECODE greedy tokens."""
+    from llama_cpp import Llama
+
+    llm = Llama(
+        model_path=str(path),
+        n_ctx=512,
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+    try:
+        llm.reset()
+        started = time.perf_counter()
+        llm.eval(ids)
+        prefilled = time.perf_counter()
+        for _ in range(DECODE - 1):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            llm.eval([token])
+        end = time.perf_counter()
+    finally:
+        llm.close()
+    return len(ids) / (prefilled - started), (DECODE - 1) / (end - prefilled)
+
+
+def ours_run(folder: Path, threads: int, ids: list[int], repeats: int) -> tuple[float, float]:
+    model = runtime.load(folder, threads=threads)
+    runs = [time_generation(model, ids, DECODE, ALL_FEATURES) for _ in range(repeats)]
+    del model
+    gc.collect()
+    return (
+        float(np.median([r.prefill_tok_s for r in runs])),
+        float(np.median([r.decode_tok_s for r in runs])),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    args = parser.parse_args()
+    ids = prompt_ids(PROMPT)
+    gguf = cache_dir() / "bench" / "full-phi-3-mini-4k-random-f16"
+    results: dict[str, tuple[float, float]] = {}
+    for name, folder in [
+        ("phi3edge INT4 block 32 (default)", full_model()),
+        ("phi3edge INT4 block 128", full_model(block_size=128)),
+    ]:
+        results[name] = ours_run(folder, args.threads, ids, args.repeats)
+        print(name, results[name], flush=True)
+    for kind in ("q4_0", "q4_k_m"):
+        path = Path(f"{gguf}-{kind}.gguf")
+        runs = [llama_cpp_run(path, args.threads, ids) for _ in range(args.repeats)]
+        results[f"llama.cpp {kind.upper()} ({path.stat().st_size / 1e9:.2f} GB)"] = (
+            float(np.median([r[0] for r in runs])),
+            float(np.median([r[1] for r in runs])),
+        )
+        print(kind, results[list(results)[-1]], flush=True)
+    rows = [[name, f"{p:.1f}", f"{d:.2f}"] for name, (p, d) in results.items()]
+    print(
+        f"\nfull-size random Phi-3-mini-4k, {PROMPT}-token prompt, {DECODE} new tokens, "
+        f"{args.threads} threads, medians of {args.repeats}; {machine()}"
+    )
+    print(table(["runtime", "prefill tok/s", "decode tok/s"], rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_llamacpp.json").write_text(
+        json.dumps(
+            {k: {"prefill_tok_s": p, "decode_tok_s": d} for k, (p, d) in results.items()}, indent=2
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
