@@ -10,7 +10,9 @@ Needs llama-cpp-python, which has no wheel on PyPI for this platform; built from
 Measures prefill tok/s (128-token prompt) and decode tok/s (64 tokens) for:
   - phi3edge (all sampling features on) on the default INT4 export (block 32) and on block 128;
   - llama.cpp Q4_0 and Q4_K_M (``Llama.eval`` on the same token ids, greedy next token).
-Each figure is the median of --repeats runs; models are loaded one at a time.
+Each figure is the median of --repeats runs; models are loaded one at a time. The cosine column
+compares each runtime's logits with transformers' float32 model at every position of a 64-token
+prompt (as in scripts/bench_quant.py), so speed and accuracy are weighed on the same weights.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_engine import ALL_FEATURES
+from bench_quant import onnx_logits, reference_logits
 from benchlib import full_model, machine, table
 
 from phi3edge import runtime
@@ -30,6 +33,25 @@ from phi3edge.benchmark import prompt_ids, time_generation
 from phi3edge.cli import cache_dir
 
 PROMPT, DECODE = 128, 64
+
+
+def cosine(ours: np.ndarray, reference: np.ndarray) -> float:
+    """Mean over positions of the cosine between two [positions, vocab] logit arrays."""
+    dot = (ours * reference).sum(-1)
+    norms = np.linalg.norm(ours, axis=-1) * np.linalg.norm(reference, axis=-1)
+    return float((dot / norms).mean())
+
+
+def llama_cpp_logits(path: Path, threads: int, ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits at every position of ``ids``."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, logits_all=True, verbose=False)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
 
 
 def llama_cpp_run(path: Path, threads: int, ids: list[int]) -> tuple[float, float]:
@@ -76,34 +98,42 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args()
     ids = prompt_ids(PROMPT)
+    accuracy_ids = prompt_ids(64, seed=9)
+    reference = reference_logits(np.array([accuracy_ids], dtype=np.int64))
     gguf = cache_dir() / "bench" / "full-phi-3-mini-4k-random-f16"
-    results: dict[str, tuple[float, float]] = {}
+    results: dict[str, tuple[float, float, float]] = {}
     for name, folder in [
         ("phi3edge INT4 block 32 (default)", full_model()),
         ("phi3edge INT4 block 128", full_model(block_size=128)),
     ]:
-        results[name] = ours_run(folder, args.threads, ids, args.repeats)
+        logits = onnx_logits(folder, np.array([accuracy_ids], dtype=np.int64), args.threads)
+        results[name] = (
+            *ours_run(folder, args.threads, ids, args.repeats),
+            cosine(logits, reference),
+        )
         print(name, results[name], flush=True)
     for kind in ("q4_0", "q4_k_m"):
         path = Path(f"{gguf}-{kind}.gguf")
+        accuracy = cosine(llama_cpp_logits(path, args.threads, accuracy_ids), reference)
         runs = [llama_cpp_run(path, args.threads, ids) for _ in range(args.repeats)]
         results[f"llama.cpp {kind.upper()} ({path.stat().st_size / 1e9:.2f} GB)"] = (
             float(np.median([r[0] for r in runs])),
             float(np.median([r[1] for r in runs])),
+            accuracy,
         )
         print(kind, results[list(results)[-1]], flush=True)
-    rows = [[name, f"{p:.1f}", f"{d:.2f}"] for name, (p, d) in results.items()]
+    rows = [[name, f"{p:.1f}", f"{d:.2f}", f"{c:.3f}"] for name, (p, d, c) in results.items()]
     print(
         f"\nfull-size random Phi-3-mini-4k, {PROMPT}-token prompt, {DECODE} new tokens, "
         f"{args.threads} threads, medians of {args.repeats}; {machine()}"
     )
-    print(table(["runtime", "prefill tok/s", "decode tok/s"], rows))
+    print(table(["runtime", "prefill tok/s", "decode tok/s", "cosine vs fp32 (mean)"], rows))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_llamacpp.json").write_text(
-        json.dumps(
-            {k: {"prefill_tok_s": p, "decode_tok_s": d} for k, (p, d) in results.items()}, indent=2
-        )
-    )
+    summary = {
+        k: {"prefill_tok_s": p, "decode_tok_s": d, "cosine_mean": c}
+        for k, (p, d, c) in results.items()
+    }
+    (args.out / "bench_llamacpp.json").write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 Usage: python scripts/report.py [--results results/] [--out docs/]
 
 Reads ``bench_engine.json`` (scripts/bench_engine.py) and, when present, ``bench_quant.json``
-(scripts/bench_quant.py); writes ``benchmarks.md`` and ``benchmarks.png`` (needs matplotlib,
-which is not a phi3edge dependency: ``pip install matplotlib``). Every number comes from those
-files; nothing here measures.
+(scripts/bench_quant.py) and ``bench_llamacpp.json`` (scripts/bench_llamacpp.py); writes
+``benchmarks.md`` and ``benchmarks.png`` (needs matplotlib, which is not a phi3edge dependency:
+``pip install matplotlib``). Every number comes from those files; nothing here measures.
 """
 
 from __future__ import annotations
@@ -64,6 +64,17 @@ def quant_table(quant: list[dict]) -> str:
             "cosine min",
             "cosine mean",
         ],
+        rows,
+    )
+
+
+def llamacpp_table(runs: dict[str, dict[str, float]]) -> str:
+    rows = [
+        [name, f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.2f}", f"{r['cosine_mean']:.3f}"]
+        for name, r in runs.items()
+    ]
+    return table(
+        ["runtime (same weights, same run)", "prefill tok/s", "decode tok/s", "cosine vs fp32"],
         rows,
     )
 
@@ -134,6 +145,9 @@ def main() -> None:
     ]
     if quant:
         parts += ["", quant_table(quant)]
+    llama_path = args.results / "bench_llamacpp.json"
+    if llama_path.exists():
+        parts += ["", llamacpp_table(json.loads(llama_path.read_text()))]
     (args.out / "benchmarks.md").write_text("\n".join(parts) + "\n")
     plot(engine, quant, args.out / "benchmarks.png")
     print("\n".join(parts))
