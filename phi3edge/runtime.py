@@ -93,13 +93,14 @@ def load(folder: str | os.PathLike[str], threads: int | None = None) -> LoadedMo
     if not folder.is_dir():
         raise ExportError(f"model folder {folder} does not exist")
     manifest = Manifest.read(folder)
-    threads = threads or physical_cores()
+    threads = physical_cores() if threads is None else threads
     if threads < 1:
-        raise ValueError("threads must be >= 1")
+        raise ValueError(f"threads must be >= 1, not {threads}")
     genai = json.loads((folder / "genai_config.json").read_text("utf-8"))
     eos = genai["model"]["eos_token_id"]
     eos_ids = frozenset(eos if isinstance(eos, list) else [eos])
-    pad_id = int(genai["model"].get("pad_token_id", min(eos_ids)))
+    pad = genai["model"].get("pad_token_id")  # null in some published configs (medium-128k)
+    pad_id = int(pad) if pad is not None else min(eos_ids)
     config = og.Config(str(folder))
     config.overlay(json.dumps(config_overlay(threads, pad_id)))
     model = og.Model(config)
