@@ -15,14 +15,12 @@ Speed does not depend on weight values, so these are real figures for Phi-3-mini
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import time
-from pathlib import Path
 
 import numpy as np
-from benchlib import full_model, machine, median_time, table
+from benchlib import bench_arguments, full_model, machine, median_time, table
 
 from phi3edge import engine, runtime
 from phi3edge.benchmark import NO_END, prompt_ids, time_generation
@@ -79,10 +77,7 @@ def med(pairs: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser = bench_arguments(__doc__)
     args = parser.parse_args()
     folder = full_model()
     model = runtime.load(folder, threads=args.threads)

@@ -17,7 +17,6 @@ prompt (as in scripts/bench_quant.py), so speed and accuracy are weighed on the 
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from bench_engine import ALL_FEATURES
 from bench_quant import onnx_logits, reference_logits
-from benchlib import full_model, machine, table
+from benchlib import bench_arguments, full_model, machine, table
 
 from phi3edge import runtime
 from phi3edge.benchmark import prompt_ids, time_generation
@@ -92,10 +91,7 @@ def ours_run(folder: Path, threads: int, ids: list[int], repeats: int) -> tuple[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser = bench_arguments(__doc__)
     args = parser.parse_args()
     ids = prompt_ids(PROMPT)
     accuracy_ids = prompt_ids(64, seed=9)

@@ -12,14 +12,13 @@ Needs about 16 GB of RAM while the float32 reference runs; run nothing else mean
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
-from benchlib import full_model, machine, table
+from benchlib import bench_arguments, full_model, machine, table
 
 from phi3edge import runtime
 from phi3edge.benchmark import NO_END, prompt_ids, time_generation
@@ -67,11 +66,8 @@ def onnx_logits(folder: Path, ids: np.ndarray, threads: int) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = bench_arguments(__doc__)
     parser.add_argument("--keep", action="store_true", help="keep every export (2.7 GB each)")
-    parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args()
 
     full_model()  # makes sure the checkpoint exists before the reference needs it
