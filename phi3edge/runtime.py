@@ -77,12 +77,19 @@ class LoadedModel:
     eos_ids: frozenset[int]
     pad_id: int
     vocab_size: int
+    kv_bytes_per_token: int
     context_length: int
     threads: int
 
     @property
     def name(self) -> str:
         return self.manifest.catalog_id
+
+
+def _kv_bytes_per_token(decoder: dict[str, Any]) -> int:
+    """Keys + values of every layer for one token (float32 on CPU exports)."""
+    heads = decoder.get("num_key_value_heads", decoder["num_attention_heads"])
+    return 2 * decoder["num_hidden_layers"] * heads * decoder["head_size"] * 4
 
 
 def load(folder: str | os.PathLike[str], threads: int | None = None) -> LoadedModel:
@@ -120,6 +127,7 @@ def load(folder: str | os.PathLike[str], threads: int | None = None) -> LoadedMo
         table=TokenTable(folder / "tokenizer.json"),
         eos_ids=eos_ids,
         pad_id=pad_id,
+        kv_bytes_per_token=_kv_bytes_per_token(genai["model"]["decoder"]),
         vocab_size=int(genai["model"]["vocab_size"]),
         context_length=int(genai["model"]["context_length"]),
         threads=threads,

@@ -188,8 +188,7 @@ def parse_request(
             param="extra-parameters",
         )
     known = AZURE_PARAMETERS if route == "azure" else OPENAI_PARAMETERS
-    body = {k: v for k, v in body.items() if v is not None or k == "messages"}
-    extras = [k for k in body if k not in known]
+    extras = [k for k in body if k not in known]  # named even when their value is null
     if extras and route == "azure":
         if policy == "error":
             raise bad_request(
@@ -211,6 +210,7 @@ def parse_request(
             f"unknown parameter '{extras[0]}'", param=extras[0], code="unknown_parameter"
         )
 
+    body = {k: v for k, v in body.items() if v is not None or k == "messages"}
     _reject_unsupported(body)
     body = _normalise_openai(body, route)
     if route == "azure" and isinstance(body.get("temperature"), (int, float)):

@@ -52,7 +52,16 @@ class ChatService:
         member = catalog_member(self.model.manifest.catalog_id)
         self.model_name = member.hf_id.split("/")[1]
         self._aliases = {a.lower() for a in (self.model_name, member.id, member.hf_id, "phi3edge")}
-        self._lock = threading.Lock()
+        # Reentrant: a thread that keeps a half-read stream open can still make another request
+        # (other threads queue until the stream ends or is closed).
+        self._lock = threading.RLock()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request holds the model; False on timeout (tests, shutdown)."""
+        if not self._lock.acquire(timeout=timeout):
+            return False
+        self._lock.release()
+        return True
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(model_name=self.model_name)

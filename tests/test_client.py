@@ -312,3 +312,28 @@ def test_regression_forced_assistant_token_does_not_end_a_batch_row(tiny_int4: P
     single = [s[0].text for s in engine.generate(model, prompt, cfg)]
     batched = [s[0][1].text for s in engine.generate_batch(model, [engine.BatchItem(prompt, cfg)])]
     assert batched == single and len(set(single)) > 1
+
+
+def test_kv_cache_that_grows_per_step_gives_the_same_answer(
+    client: ChatCompletionsClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests too big to preallocate their KV cache (e.g. no max_tokens) grow it per step."""
+    from phi3edge import engine
+
+    kwargs = {"messages": HELLO, "max_tokens": 12, "seed": 4, "temperature": 0.9, "n": 2}
+    preallocated = client.complete(**kwargs)
+    monkeypatch.setattr(engine, "KV_PREALLOCATE_BYTES", 0)
+    client._service.prefix_cache.clear()
+    growing = client.complete(**kwargs)
+    assert [c.message.content for c in growing.choices] == [
+        c.message.content for c in preallocated.choices
+    ]
+    assert client.complete_batch([]) == []
+
+
+def test_a_half_read_stream_does_not_block_the_same_thread(client: ChatCompletionsClient) -> None:
+    stream = client.complete(messages=HELLO, max_tokens=6, stream=True)
+    next(stream)
+    answer = client.complete(messages=HELLO, max_tokens=2)
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    assert list(stream)  # the first stream still finishes

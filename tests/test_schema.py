@@ -165,3 +165,10 @@ def test_message_shapes() -> None:
     assert _error({"messages": [{"content": "x"}]}).param == "messages[0].role"
     assert _error({}).param == "messages"
     assert _error([1, 2]).status == 400  # type: ignore[arg-type]
+
+
+def test_unknown_parameter_with_a_null_value_is_still_named() -> None:
+    assert _error({"messages": MESSAGES, "foo": None}).param == "foo"
+    assert _error({"messages": MESSAGES, "foo": None}, route="openai").param == "foo"
+    dropped = parse_request({"messages": MESSAGES, "n": None}, extra_parameters="drop")
+    assert dropped.n == 1

@@ -122,8 +122,7 @@ def _events(lines: Iterator[str]) -> Iterator[str]:
 
 def _wait_idle(live: Live, timeout: float = 5.0) -> None:
     """Wait until no request is admitted and the model lock is free."""
-    assert live.service._lock.acquire(timeout=timeout), "generation did not stop"
-    live.service._lock.release()
+    assert live.service.wait_idle(timeout), "generation did not stop"
     deadline = time.monotonic() + timeout
     while live.app.state.admission.active:
         assert time.monotonic() < deadline, "admission slot was not released"
@@ -553,7 +552,7 @@ def test_error_after_the_first_chunk_goes_out_in_the_stream(
     assert json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
     assert json.loads(events[-1])["error"]["code"] == "internal_error"
     assert "[DONE]" not in events and "secret detail" not in "".join(events)
-    assert not service._lock.locked() and client.app.state.admission.active == 0
+    assert service.wait_idle(0) and client.app.state.admission.active == 0
 
 
 # ----------------------------------------------------------------------------- queue and disconnect
