@@ -337,3 +337,28 @@ def test_a_half_read_stream_does_not_block_the_same_thread(client: ChatCompletio
     answer = client.complete(messages=HELLO, max_tokens=2)
     assert answer.choices[0].finish_reason in ("stop", "length")
     assert list(stream)  # the first stream still finishes
+
+
+def test_shapes_parse_in_the_reference_client_libraries(client: ChatCompletionsClient) -> None:
+    """Our REST JSON read by the Azure SDK's and OpenAI's own response models."""
+    from azure.ai.inference import models as azure_models
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    response = client.complete(
+        messages=HELLO, max_tokens=4, seed=2, n=2, logprobs=True, top_logprobs=2
+    )
+    body = response.as_dict()
+    azure = azure_models.ChatCompletions(body)
+    assert azure.created == response.created and azure.model == response.model
+    assert [c.message.content for c in azure.choices] == [
+        c.message.content for c in response.choices
+    ]
+    assert azure.usage.total_tokens == response.usage.total_tokens
+    openai_view = ChatCompletion.model_validate(body)
+    assert openai_view.choices[1].logprobs.content[0].top_logprobs[1].logprob == (
+        response.choices[1].logprobs.content[0].top_logprobs[1].logprob
+    )
+    for update in client.complete(messages=HELLO, max_tokens=3, seed=2, stream=True):
+        chunk = update.as_dict()
+        assert azure_models.StreamingChatCompletionsUpdate(chunk).id == update.id
+        ChatCompletionChunk.model_validate(chunk)
