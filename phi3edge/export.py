@@ -240,8 +240,8 @@ def _spill_before_quantizing(
     The stock builder holds the PyTorch weights while its quantizer turns the whole graph into one
     in-memory ModelProto with every weight cast to float32: about 3x the bf16 checkpoint (23.9 GB
     for Phi-3-mini here). Before ``save_model`` we stream the unquantized graph to disk one tensor
-    at a time and reload it memory-mapped, which drops the PyTorch weights; the quantizer then
-    reads each weight from disk as it reaches it. The output files are byte-identical.
+    at a time and reload it memory-mapped; the quantizer then reads each weight from disk as it
+    reaches it instead of holding float32 copies of all of them. The output is byte-identical.
     """
     model_class = builder.Model
     original = model_class.save_model
