@@ -349,17 +349,18 @@ class CompletionsUsage(_Wire):
 
 
 class _Timestamped(_Wire):
-    created: dt.datetime
+    """``created`` is a datetime in Python (as in the Azure SDK) and Unix seconds on the wire."""
 
     def as_dict(self) -> dict[str, Any]:
         data = super().as_dict()
-        data["created"] = int(self.created.timestamp())
+        data["created"] = int(self.created.timestamp())  # type: ignore[attr-defined]
         return data
 
 
 class ChatCompletions(_Timestamped):
     id: str
     object: str = "chat.completion"
+    created: dt.datetime
     model: str
     choices: list[ChatChoice]
     usage: CompletionsUsage
@@ -380,6 +381,7 @@ class StreamingChatChoiceUpdate(_Wire):
 class StreamingChatCompletionsUpdate(_Timestamped):
     id: str
     object: str = "chat.completion.chunk"
+    created: dt.datetime
     model: str
     choices: list[StreamingChatChoiceUpdate]
     usage: CompletionsUsage | None = None
