@@ -13,7 +13,6 @@ greedy search take them.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,8 +25,6 @@ from phi3edge.errors import bad_request
 from phi3edge.prompt import Prompt
 from phi3edge.runtime import LoadedModel
 from phi3edge.schema import SamplingConfig
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ Requests are served one at a time per model (a lock); the HTTP layer bounds how 
 from __future__ import annotations
 
 import datetime as dt
-import logging
+import itertools
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,8 +37,6 @@ from phi3edge.schema import (
     TopLogprob,
 )
 from phi3edge.schema import TokenLogprob as WireTokenLogprob
-
-log = logging.getLogger(__name__)
 
 
 class ChatService:
@@ -160,7 +158,7 @@ class ChatService:
             ]
         )
         open_choices = request.n
-        for steps, prompt_tokens, completion_tokens in _chain(first, runs):
+        for steps, prompt_tokens, completion_tokens in itertools.chain([first], runs):
             updates = [
                 StreamingChatChoiceUpdate(
                     index=s.index,
@@ -245,11 +243,6 @@ class _Answer:
 
     def done(self) -> bool:
         return len(self.finish) == self.n
-
-
-def _chain(first: tuple, rest: Iterator) -> Iterator:
-    yield first
-    yield from rest
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> CompletionsUsage:
