@@ -15,6 +15,7 @@ __all__ = [
     "ApiError",
     "AssistantMessage",
     "ChatCompletionsClient",
+    "Limits",
     "SystemMessage",
     "UserMessage",
     "__version__",
@@ -26,6 +27,10 @@ def __getattr__(name: str) -> Any:
         from phi3edge import client
 
         return getattr(client, name)
+    if name == "Limits":
+        from phi3edge.limits import Limits
+
+        return Limits
     if name == "__version__":
         from importlib.metadata import PackageNotFoundError, version
 

@@ -42,11 +42,14 @@ def time_generation(
     cfg: SamplingConfig,
     cache: engine.PrefixCache | None = None,
 ) -> Timing:
-    """Run one request through the engine and time it (decode rate per choice)."""
+    """Run one request through the engine and time it (decode rate per choice).
+
+    This calls the engine directly on this thread: a benchmark owns its model; a service hands
+    it to an engine thread (``phi3edge.core``)."""
     started = time.perf_counter()
     first = 0.0
-    for index, _ in enumerate(engine.generate(model, Prompt(ids, new_tokens), cfg, None, cache)):
-        if index == 0:
+    for steps in engine.generate(model, Prompt(ids, new_tokens), cfg, None, cache):
+        if steps and not first:  # an empty list is a prefill chunk, not a token
             first = time.perf_counter()
     end = time.perf_counter()
     decode = (new_tokens * cfg.n - 1) / (end - first) if new_tokens * cfg.n > 1 else 0.0

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 DEMO_PROMPT = "Write a haiku about running language models on a laptop."
 
@@ -154,16 +155,79 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from phi3edge.server import serve
+    from phi3edge.server import ServerSettings, serve
 
-    serve(
-        args.model,
+    settings = ServerSettings(
         host=args.host,
         port=args.port,
         api_key=args.api_key or os.environ.get("PHI3EDGE_API_KEY"),
-        threads=args.threads,
+        max_body_bytes=args.max_body_bytes,
+        cors_origins=tuple(args.cors_origin),
+        allowed_hosts=tuple(args.allowed_host),
     )
+    serve(args.model, settings, threads=args.threads, limits=_limits(args))
     return 0
+
+
+def _limits(args: argparse.Namespace) -> Any:
+    from phi3edge.limits import Limits
+
+    return Limits(
+        max_tokens=args.max_tokens_limit,
+        max_output_tokens=args.max_output_tokens,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_n=args.max_n,
+        max_queue=args.max_queue,
+        max_active_batches=args.max_active_batches,
+        time_budget_s=args.time_budget or None,
+    )
+
+
+def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """The operator's limits (``phi3edge.limits.Limits``); defaults in the help text."""
+    from phi3edge.limits import Limits
+
+    d = Limits()
+    group = parser.add_argument_group("limits")
+    group.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=d.max_tokens,
+        help="largest max_tokens a request may ask; also the default when it gives none "
+        "(default %(default)s)",
+    )
+    group.add_argument(
+        "--max-output-tokens",
+        type=int,
+        default=d.max_output_tokens,
+        help="n x max_tokens of one request (default %(default)s)",
+    )
+    group.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="longest prompt accepted (default: the model's context)",
+    )
+    group.add_argument("--max-n", type=int, default=d.max_n, help="largest n (default %(default)s)")
+    group.add_argument(
+        "--max-queue",
+        type=int,
+        default=d.max_queue,
+        help="requests running or waiting; more are answered 429 (default %(default)s)",
+    )
+    group.add_argument(
+        "--max-active-batches",
+        type=int,
+        default=d.max_active_batches,
+        help="batches that take turns on the model (default %(default)s)",
+    )
+    group.add_argument(
+        "--time-budget",
+        type=float,
+        default=600.0,
+        help="seconds a request may take, waiting included; then its choices end with "
+        "finish_reason length (0 = no limit; default %(default)s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,6 +291,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument("--api-key", default=None, help="require this key (or PHI3EDGE_API_KEY)")
     serve.add_argument("--threads", type=int, default=None)
+    serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="largest request body (default %(default)s)",
+    )
+    serve.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browser pages from ORIGIN (repeatable; default: none)",
+    )
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="accept requests whose Host header names HOST, besides localhost and --host "
+        "(repeatable; '*' accepts any; default: none)",
+    )
+    _add_limit_flags(serve)
     serve.set_defaults(func=cmd_serve)
     return parser
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from phi3edge.errors import ApiError, bad_request, in_batch
+from phi3edge.limits import Limits
 from phi3edge.schema import (
     AZURE_PARAMETERS,
     PHI3_EXTRA_PARAMETERS,
@@ -69,13 +70,20 @@ class ChatCompletionsClient:
         *,
         threads: int | None = None,
         kv_cache_entries: int = 1,
+        limits: Limits | None = None,
         model_extras: dict[str, Any] | None = None,
         **defaults: Any,
     ) -> None:
         """``threads``: ONNX Runtime intra-op threads (default: physical cores).
-        ``kv_cache_entries``: conversations whose KV cache is kept for the next turn (0 = off)."""
+        ``kv_cache_entries``: conversations whose KV cache is kept for the next turn (0 = off).
+        ``limits``: what one request may ask for and how many may wait (``phi3edge.Limits``).
+
+        The model runs on its own engine thread; the client may be used from any number of
+        threads, and concurrent requests are batched together."""
         _check_names(defaults)
-        self._service = ChatService(model_dir, threads=threads, kv_cache_entries=kv_cache_entries)
+        self._service = ChatService(
+            model_dir, threads=threads, kv_cache_entries=kv_cache_entries, limits=limits
+        )
         self._defaults = defaults
         self._model_extras = dict(model_extras or {})
 
@@ -91,7 +99,9 @@ class ChatCompletionsClient:
         model_extras: dict[str, Any] | None = None,
         **params: Any,
     ) -> ChatCompletions | Iterator[StreamingChatCompletionsUpdate]:
-        """As ``azure.ai.inference.ChatCompletionsClient.complete``; ``stream=True`` -> updates."""
+        """As ``azure.ai.inference.ChatCompletionsClient.complete``; ``stream=True`` -> updates.
+
+        Closing a stream (or dropping it) cancels its generation."""
         request = self._request(
             params, body=body, messages=messages, stream=stream, model_extras=model_extras
         )
@@ -140,7 +150,8 @@ class ChatCompletionsClient:
         return self._service.complete_batch(prepared)
 
     def close(self) -> None:
-        """Present for parity with the Azure client; the model is freed with the client."""
+        """Cancel what is running and free the model (also done when the client is collected)."""
+        self._service.close()
 
     def __enter__(self) -> ChatCompletionsClient:
         return self

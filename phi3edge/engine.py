@@ -1,9 +1,14 @@
 """The decode loop: prompt ids in, per-step text deltas out.
 
 Input: a ``LoadedModel`` and one request (``generate``: a ``Prompt`` and its ``SamplingConfig``)
-or many (``generate_batch``). Output: an iterator of steps; each lists, per choice still running,
-the text it may emit now, the token it accepted (with logprobs) and, when it ends, its finish
-reason. Errors: ``ApiError`` 400 for a logit_bias id outside the vocabulary; anything else is a bug.
+or several that fit together (``generate_batch``), each with an optional ``halt`` check.
+Output: an iterator with one item per unit of work (a prefill chunk or a decode step); each lists,
+per choice still running, the text it may emit now, the token it accepted (with logprobs) and,
+when it ends, its finish reason. Errors: ``ApiError`` 400 for a logit_bias id outside the
+vocabulary; anything else is a bug.
+
+These functions are not thread-safe and need not be: only the engine thread (``core``) runs them
+for a served model, advancing several iterators in turn.
 
 onnxruntime-genai runs the model; every token is chosen by our C++ sampler (``phi3edge._sampling``),
 one call per step for all rows. onnxruntime-genai refuses a second ``append_tokens`` on a batch, so
@@ -13,7 +18,7 @@ greedy search take them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +47,7 @@ class ChoiceStep:
     text: str = ""
     tokens: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    sampled: bool = False  # a token was chosen (counts in usage.completion_tokens)
 
 
 @dataclass
@@ -79,8 +85,8 @@ class PrefixCache:
     A chat resends its whole history every turn. When a new prompt extends what a kept generator
     already holds, we rewind that generator to the shared prefix (``Generator.rewind_to``) and
     prefill only the new suffix, as llama.cpp's server does. Logits equal a cold prefill's up to
-    float rounding (about 1e-6; the tests check the same tokens and logprobs). Not thread-safe:
-    the service serialises requests.
+    float rounding (about 1e-6; the tests check the same tokens and logprobs). Owned by the
+    engine thread, like every generator it keeps.
     """
 
     def __init__(self, entries: int = 1) -> None:
@@ -150,14 +156,25 @@ def _new_generator(model: LoadedModel, max_length: int, batch: int) -> Any:
     return og.Generator(model.model, search)
 
 
+PREFILL_CHUNK = 64  # prompt tokens per append: the engine can stop or switch batches between them
+
+Halt = Callable[[], "str | None"]
+"""Asked between units of work: None to go on, ``"length"`` when the request's time budget ran
+out (its choices end with finish_reason length), ``"cancelled"`` when nobody is listening."""
+
+
 def generate(
     model: LoadedModel,
     prompt: Prompt,
     cfg: SamplingConfig,
-    cancelled: Callable[[], bool] | None = None,
+    halt: Halt | None = None,
     cache: PrefixCache | None = None,
 ) -> Iterator[list[ChoiceStep]]:
-    """One request: prefill once, then decode each of its ``n`` choices; yield per step.
+    """One request: prefill once, then decode each of its ``n`` choices; yield per unit of work.
+
+    Each item is one decode step's ``ChoiceStep`` list, or ``[]`` after a prefill chunk: the
+    prompt goes in ``PREFILL_CHUNK`` tokens at a time, so a caller can stop (``halt``) or serve
+    another request between chunks instead of waiting for a long prompt.
 
     onnxruntime-genai cannot fork a prefilled KV cache into a batch, and a batch of ``n`` copies
     of the prompt pays the prefill ``n`` times (3.9x for n=4 here). So the choices share one
@@ -176,11 +193,20 @@ def generate(
         generator, start, capacity = _new_generator(model, need, 1), 0, need
     healthy = False
     try:
+        prefilled = False
         for index in range(cfg.n):
-            if index > 0:
-                start = len(prompt.ids) - 1
-                generator.rewind_to(start)
-            generator.append_tokens(np.asarray([prompt.ids[start:]], dtype=np.int32))
+            reason = halt() if halt else None
+            if reason is None:
+                if prefilled:
+                    start = len(prompt.ids) - 1
+                    generator.rewind_to(start)
+                reason = yield from _prefill(generator, prompt.ids[start:], halt)
+                prefilled = reason is None
+            if reason == "cancelled":
+                break
+            if reason == "length":  # out of time before this choice began
+                yield [ChoiceStep(index, finish_reason="length")]
+                continue
             row = _Row(
                 0,
                 _Choice(index, IncrementalDecoder(model.table), StopFilter(cfg.stop)),
@@ -188,11 +214,10 @@ def generate(
                 _sampling.RowState(vocab, cfg.seed, index),
                 prompt.max_new_tokens,
                 cfg.logprobs,
+                halt,
             )
-            for steps in _decode(model, generator, [row], cancelled):
+            for steps in _decode(model, generator, [row]):
                 yield [step for _, step in steps]
-            if cancelled and cancelled():
-                break
         healthy = True
     finally:
         if cache is not None and cache.entries > 0 and healthy:
@@ -200,60 +225,96 @@ def generate(
         del generator
 
 
+def _prefill(
+    generator: Any, ids: list[int], halt: Halt | None
+) -> Generator[list[ChoiceStep], None, str | None]:
+    """Append ``ids`` in ``PREFILL_CHUNK``-token pieces, yielding ``[]`` between them; return the
+    halt reason if asked to stop before the end."""
+    for offset in range(0, len(ids), PREFILL_CHUNK):
+        if offset:
+            yield []
+            reason = halt() if halt else None
+            if reason:
+                return reason
+        piece = ids[offset : offset + PREFILL_CHUNK]
+        generator.append_tokens(np.asarray([piece], dtype=np.int32))
+    return None
+
+
 @dataclass
 class BatchItem:
-    """One request of a batch: its prompt and sampling parameters."""
+    """One request of a batch: its prompt, sampling parameters and when to stop early."""
 
     prompt: Prompt
     cfg: SamplingConfig
+    halt: Halt | None = None
 
 
 MAX_BATCH_ROWS = 16
+BATCH_PREFILL_TOKENS = 256  # padded tokens: a batch's prefill is one append, keep it short
+
+
+def fits_in_batch(model: LoadedModel, items: list[BatchItem]) -> bool:
+    """Whether ``items`` can run as one onnxruntime-genai batch (rows, context, prefill size).
+
+    The one batching policy: the engine thread forms its batches with it. A single item always
+    fits (its own prefill is chunked when it runs alone).
+    """
+    if len(items) <= 1:
+        return True
+    rows = sum(i.cfg.n for i in items)
+    longest = max(len(i.prompt.ids) for i in items)
+    need = longest + max(i.prompt.max_new_tokens for i in items)
+    return (
+        rows <= MAX_BATCH_ROWS
+        and need <= model.context_length
+        and rows * (longest - 1) <= BATCH_PREFILL_TOKENS
+    )
 
 
 def generate_batch(
     model: LoadedModel, items: list[BatchItem]
 ) -> Iterator[list[tuple[int, ChoiceStep]]]:
-    """Many requests decoded together; yield per step ``(request index, ChoiceStep)`` pairs.
+    """Requests decoded together as one batch; yield per step ``(item index, ChoiceStep)`` pairs.
 
     Requests of different lengths share one onnxruntime-genai batch: prompts minus their last
     token are right-padded with the pad id (masked), then every row's last prompt token is fed in
     one forced step, so each row's KV and positions are exactly its own (logits match single runs
-    to float rounding, see the tests). Requests are grouped by length so padding stays small and
-    each group fits the context; a request with ``n`` choices takes ``n`` rows.
+    to float rounding, see the tests). A request with ``n`` choices takes ``n`` rows. The caller
+    checks ``fits_in_batch`` first. onnxruntime-genai refuses a second ``append_tokens`` on a
+    batch, so the prefill is not chunked (``BATCH_PREFILL_TOKENS`` keeps it short).
     """
-    order = sorted(range(len(items)), key=lambda i: len(items[i].prompt.ids))
-    group: list[int] = []
-    for index in [*order, None]:
-        if index is not None:
-            trial = [*group, index]
-            rows = sum(items[i].cfg.n for i in trial)
-            longest = max(len(items[i].prompt.ids) for i in trial)
-            need = longest + max(items[i].prompt.max_new_tokens for i in trial)
-            if not group or (rows <= MAX_BATCH_ROWS and need <= model.context_length):
-                group = trial
-                continue
-        if group:
-            yield from _generate_group(model, items, group)
-        group = [index] if index is not None else []
-
-
-def _generate_group(
-    model: LoadedModel, items: list[BatchItem], group: list[int]
-) -> Iterator[list[tuple[int, ChoiceStep]]]:
     vocab = model.vocab_size
     rows: list[_Row] = []
     prompts: list[list[int]] = []
-    for request in group:
-        item = items[request]
+    halted: list[tuple[int, ChoiceStep]] = []
+    for number, item in enumerate(items):
+        reason = item.halt() if item.halt else None
+        if reason == "length":  # out of time before it began
+            halted += [(number, ChoiceStep(i, finish_reason="length")) for i in range(item.cfg.n)]
+            continue
+        if reason == "cancelled":
+            continue
         params = sampler_params(item.cfg, vocab)
         for index in range(item.cfg.n):
             choice = _Choice(index, IncrementalDecoder(model.table), StopFilter(item.cfg.stop))
             state = _sampling.RowState(vocab, item.cfg.seed, index)
             rows.append(
-                _Row(request, choice, params, state, item.prompt.max_new_tokens, item.cfg.logprobs)
+                _Row(
+                    number,
+                    choice,
+                    params,
+                    state,
+                    item.prompt.max_new_tokens,
+                    item.cfg.logprobs,
+                    item.halt,
+                )
             )
             prompts.append(item.prompt.ids)
+    if halted:
+        yield halted
+    if not rows:
+        return
     width = max(len(p) for p in prompts) - 1
     max_length = width + 1 + max(r.max_new_tokens for r in rows)
     generator = _new_generator(model, max_length, len(rows))
@@ -263,7 +324,7 @@ def _generate_group(
         last = np.asarray([p[-1] for p in prompts], dtype=np.int32)
         generator.set_logits(_sampling.force_logits(last, vocab))
         generator.generate_next_token()
-        yield from _decode(model, generator, rows, None)
+        yield from _decode(model, generator, rows)
     finally:
         del generator
 
@@ -278,29 +339,59 @@ class _Row:
     state: _sampling.RowState
     max_new_tokens: int
     logprobs: bool
+    halt: Halt | None = None
 
 
 def _decode(
-    model: LoadedModel, generator: Any, rows: list[_Row], cancelled: Callable[[], bool] | None
+    model: LoadedModel, generator: Any, rows: list[_Row]
 ) -> Iterator[list[tuple[int, ChoiceStep]]]:
-    """The decode loop for rows whose prompts are in the generator and whose logits are ready."""
+    """The decode loop for rows whose prompts are in the generator and whose logits are ready.
+
+    Before each step every open row's ``halt`` is asked: a cancelled row ends silently, a row out
+    of time ends with finish_reason ``length`` (its held-back text released). Ended rows are fed
+    a filler token until the whole batch ends.
+    """
     vocab = model.vocab_size
     filler = np.int32(min(model.eos_ids))
     params = [r.params for r in rows]
     states = [r.state for r in rows]
     while True:
+        ended = [(r.request, _halt(r)) for r in rows if r.choice.finish_reason is None]
+        reported = [(request, s) for request, s in ended if s is not None and s.finish_reason]
+        if all(r.choice.finish_reason for r in rows):
+            if reported:
+                yield reported
+            return
         step = _sampling.sample(generator.get_logits(), params, states)
-        yield [
+        yield reported + [
             (r.request, _advance(model, r.choice, step, i, r.max_new_tokens, r.logprobs))
             for i, r in enumerate(rows)
             if r.choice.finish_reason is None
         ]
-        if all(r.choice.finish_reason for r in rows) or (cancelled and cancelled()):
+        if all(r.choice.finish_reason for r in rows):
             return
         active = [r.choice.finish_reason is None for r in rows]
         chosen = np.where(active, step.tokens, filler).astype(np.int32)
         generator.set_logits(_sampling.force_logits(chosen, vocab))
         generator.generate_next_token()
+
+
+def _halt(row: _Row) -> ChoiceStep | None:
+    """End ``row`` if its request says so: a final step for ``length``, an empty one for
+    ``cancelled`` (never sent: nobody listens), None to go on."""
+    reason = row.halt() if row.halt else None
+    if reason is None:
+        return None
+    choice = row.choice
+    if reason == "cancelled":
+        choice.finish_reason = "cancelled"
+        return ChoiceStep(choice.index)
+    choice.finish_reason = "length"
+    out = ChoiceStep(choice.index, finish_reason="length")
+    out.text = choice.stop.push(choice.decoder.flush()) + choice.stop.flush()
+    if choice.stop.stopped:
+        out.finish_reason = choice.finish_reason = "stop"
+    return out
 
 
 def _advance(
@@ -313,7 +404,7 @@ def _advance(
 ) -> ChoiceStep:
     token = int(step.tokens[row])
     choice.generated += 1
-    out = ChoiceStep(choice.index)
+    out = ChoiceStep(choice.index, sampled=True)
     if token in model.eos_ids:
         choice.finish_reason = "stop"
     else:

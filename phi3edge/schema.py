@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -56,6 +56,11 @@ OPENAI_PARAMETERS = (
 )
 MAX_N = 16
 MAX_STOP = 4
+# Characters per stop sequence: every generated token is checked against every stop string, and
+# nothing in a chat answer needs a longer one (OpenAI does not publish a limit; 256 is ours).
+MAX_STOP_LENGTH = 256
+# The largest logit_bias key we parse (the engine then checks it against the vocabulary).
+MAX_TOKEN_ID = 2**31 - 1
 
 
 # ----------------------------------------------------------------------------- request
@@ -72,11 +77,19 @@ class Message(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[_TextPart] | None = None
+    # Required for every role: without tools there is no message whose content may be left out.
+    content: str | list[_TextPart]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_shape(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("content must be a string or a list of text parts, not null")
+        if not isinstance(value, (str, list)):
+            raise ValueError("content must be a string or a list of text parts")
+        return value
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
@@ -94,7 +107,10 @@ class ChatRequest(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, ge=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP)
+    # Checked (with the request's own param names) by _check_stop before validation; kept as a net.
+    stop: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]] = Field(
+        default_factory=list, max_length=MAX_STOP
+    )
     stream: bool = False
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     response_format: dict[str, Any] | None = None
@@ -106,6 +122,14 @@ class ChatRequest(BaseModel):
     # --- OpenAI-only ---
     include_usage_in_stream: bool = False
 
+    @field_validator("max_tokens", "seed", "top_logprobs", "n", mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any) -> Any:
+        """JSON has one number type: 16.0 is the integer 16 (as JSON Schema counts it)."""
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_list(cls, value: Any) -> Any:
@@ -113,8 +137,6 @@ class ChatRequest(BaseModel):
             return []
         if isinstance(value, str):
             value = [value]
-        if isinstance(value, list) and any(isinstance(s, str) and s == "" for s in value):
-            raise ValueError("stop sequences must not be empty strings")
         return value
 
     @field_validator("logit_bias", mode="before")
@@ -126,16 +148,16 @@ class ChatRequest(BaseModel):
             raise ValueError("logit_bias must be an object mapping token ids to bias values")
         parsed: dict[int, float] = {}
         for key, bias in value.items():
-            try:
-                token = int(key)
-            except (TypeError, ValueError):
-                raise ValueError(f"logit_bias key {key!r} is not a token id") from None
+            token = _token_id(key)
             if isinstance(bias, bool) or not isinstance(bias, (int, float)):
-                raise ValueError(f"logit_bias[{key}] must be a number")
-            if not math.isfinite(bias) or not -100 <= bias <= 100:
-                raise ValueError(f"logit_bias[{key}] = {bias} is outside -100..100")
-            if token < 0:
-                raise ValueError(f"logit_bias key {key} is not a valid token id")
+                raise ValueError(f"logit_bias[{token}] must be a number")
+            # Compare before math.isfinite: a JSON integer of 400 digits overflows a float.
+            if isinstance(bias, float) and not math.isfinite(bias):
+                raise ValueError(f"logit_bias[{token}] is outside -100..100")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias[{token}] is outside -100..100")
+            if token in parsed:
+                raise ValueError(f"logit_bias names token {token} more than once")
             parsed[token] = float(bias)
         return parsed
 
@@ -155,6 +177,43 @@ class ChatRequest(BaseModel):
             max_tokens=self.max_tokens,
             stop=tuple(self.stop),
         )
+
+
+def _token_id(key: Any) -> int:
+    """A logit_bias key: an int, or the canonical decimal string of one ("7", not "07" or " 7 ")."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        token = key
+    elif (
+        isinstance(key, str)
+        and key.isascii()
+        and key.isdigit()
+        and (key == "0" or not key.startswith("0"))
+        and len(key) <= len(str(MAX_TOKEN_ID))
+    ):
+        token = int(key)
+    elif isinstance(key, str) and key.isascii() and key.isdigit() and not key.startswith("0"):
+        raise ValueError(f"logit_bias key {_show(key)} is not a valid token id (too large)")
+    else:
+        raise ValueError(
+            f"logit_bias key {_show(key)} is not a token id "
+            '(keys are non-negative integers written in decimal digits only, e.g. "1234")'
+        )
+    if not 0 <= token <= MAX_TOKEN_ID:
+        raise ValueError(f"logit_bias key {_show(key)} is not a valid token id")
+    return token
+
+
+def _show(value: Any, limit: int = 64) -> str:
+    """User-provided text for an error message: quoted, escaped (never a raw lone surrogate or
+    control character, which a UTF-8 response could not carry) and cut to ``limit`` characters."""
+    if isinstance(value, str):
+        cut = value[:limit]
+        return repr(cut) + ("..." if len(value) > limit else "")
+    try:
+        text = repr(value)
+    except ValueError:  # an int too large for str() (sys.set_int_max_str_digits)
+        return f"<{type(value).__name__}>"
+    return text[:limit] + ("..." if len(text) > limit else "")
 
 
 @dataclass(frozen=True)
@@ -180,11 +239,12 @@ def parse_request(
     """Validate a request body; raise ``ApiError`` naming the first bad parameter."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
+    reject_unpaired_surrogates(body)
     policy = (extra_parameters or "error").strip().lower()
     if policy not in EXTRA_PARAMETER_POLICIES:
         raise bad_request(
             f"extra-parameters must be one of {', '.join(EXTRA_PARAMETER_POLICIES)}, "
-            f"not {extra_parameters!r}",
+            f"not {_show(extra_parameters)}",
             param="extra-parameters",
         )
     known = AZURE_PARAMETERS if route == "azure" else OPENAI_PARAMETERS
@@ -192,7 +252,8 @@ def parse_request(
     if extras and route == "azure":
         if policy == "error":
             raise bad_request(
-                f"extra parameter '{extras[0]}' is not allowed when extra-parameters is 'error' "
+                f"extra parameter {_show(extras[0])} is not allowed when extra-parameters is "
+                "'error' "
                 "(send the header extra-parameters: pass-through to hand it to the model)",
                 param=extras[0],
                 code="extra_parameters_not_allowed",
@@ -203,16 +264,17 @@ def parse_request(
             unusable = [k for k in extras if k not in PHI3_EXTRA_PARAMETERS]
             if unusable:
                 raise not_supported(
-                    f"parameter '{unusable[0]}' is not supported by this model", unusable[0]
+                    f"parameter {_show(unusable[0])} is not supported by this model", unusable[0]
                 )
     elif extras:
         raise bad_request(
-            f"unknown parameter '{extras[0]}'", param=extras[0], code="unknown_parameter"
+            f"unknown parameter {_show(extras[0])}", param=extras[0], code="unknown_parameter"
         )
 
     body = {k: v for k, v in body.items() if v is not None or k == "messages"}
     _reject_unsupported(body)
     body = _normalise_openai(body, route)
+    _check_stop(body.get("stop"))
     if route == "azure" and isinstance(body.get("temperature"), (int, float)):
         if body["temperature"] > 1:  # the Azure schema's range; OpenAI's is [0, 2]
             raise bad_request(
@@ -223,17 +285,24 @@ def parse_request(
     try:
         request = ChatRequest.model_validate(body)
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise _validation_error(exc, body) from None
     if request.top_logprobs is not None and not request.logprobs and request.top_logprobs > 0:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
     return request
 
 
 def _reject_unsupported(body: dict[str, Any]) -> None:
-    """Features Phi-3 cannot serve: answer 422 instead of ignoring them."""
-    for name in ("tools", "tool_choice", "parallel_tool_calls"):
-        if body.get(name) not in (None, [], "none"):
+    """Features Phi-3 cannot serve: answer 422 instead of ignoring them. Tool parameters that
+    ask for nothing (``tools: []``, ``tool_choice: "none"``) are taken out of ``body``."""
+    for name in ("tools", "tool_choice"):
+        if body.pop(name, None) not in (None, [], "none"):
             raise not_supported(f"'{name}' is not supported by Phi-3 models", name)
+    if not isinstance(body.pop("parallel_tool_calls", False), bool):  # moot without tools
+        raise bad_request(
+            "invalid value for 'parallel_tool_calls': must be true or false",
+            "parallel_tool_calls",
+            code="invalid_parameter",
+        )
     response_format = body.get("response_format")
     if response_format is not None:
         kind = response_format.get("type") if isinstance(response_format, dict) else response_format
@@ -242,7 +311,9 @@ def _reject_unsupported(body: dict[str, Any]) -> None:
                 raise not_supported(
                     f"response_format '{kind}' is not supported by Phi-3 models", "response_format"
                 )
-            raise bad_request(f"invalid response_format {response_format!r}", "response_format")
+            raise bad_request(
+                f"invalid response_format {_show(response_format)}", "response_format"
+            )
     messages = body.get("messages")
     if isinstance(messages, list):
         for i, message in enumerate(messages):
@@ -277,28 +348,172 @@ def _normalise_openai(body: dict[str, Any], route: Route) -> dict[str, Any]:
     if options is not None:
         if not isinstance(options, dict) or set(options) - {"include_usage"}:
             raise bad_request("stream_options accepts only include_usage", "stream_options")
+        include_usage = options.get("include_usage")
+        if include_usage is not None and not isinstance(include_usage, bool):
+            raise bad_request(
+                "invalid value for 'stream_options.include_usage': must be true or false",
+                "stream_options.include_usage",
+                code="invalid_parameter",
+            )
         if not body.get("stream"):
             raise bad_request("stream_options requires stream to be true", "stream_options")
-        body["include_usage_in_stream"] = bool(options.get("include_usage"))
-    body.pop("user", None)  # an end-user id for abuse monitoring; nothing to do locally
+        body["include_usage_in_stream"] = bool(include_usage)
+    user = body.pop("user", None)  # an end-user id for abuse monitoring; nothing to do locally
+    if user is not None and not isinstance(user, str):
+        raise bad_request(
+            "invalid value for 'user': must be a string", "user", code="invalid_parameter"
+        )
     return body
 
 
-def _validation_error(exc: ValidationError) -> ApiError:
-    error = exc.errors()[0]
-    location = error.get("loc", ())
-    param = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in location)
-    param = param.replace(".[", "[")
+def _check_stop(stop: Any) -> None:
+    """Count and size of stop sequences, checked before any per-item work, named as sent."""
+    if isinstance(stop, str):
+        items = [("stop", stop)]
+    elif isinstance(stop, list):
+        if len(stop) > MAX_STOP:
+            raise bad_request(
+                f"invalid value for 'stop': at most {MAX_STOP} stop sequences are allowed, "
+                f"got {len(stop)}",
+                "stop",
+                code="invalid_parameter",
+            )
+        items = [(f"stop[{i}]", s) for i, s in enumerate(stop)]
+    else:
+        return  # null is dropped earlier; other types are the model's to name
+    for where, sequence in items:
+        if not isinstance(sequence, str):
+            continue
+        if sequence == "":
+            raise bad_request(
+                f"invalid value for '{where}': stop sequences must not be empty strings",
+                where,
+                code="invalid_parameter",
+            )
+        if len(sequence) > MAX_STOP_LENGTH:
+            raise bad_request(
+                f"invalid value for '{where}': a stop sequence may have at most "
+                f"{MAX_STOP_LENGTH} characters, this one has {len(sequence)}",
+                where,
+                code="invalid_parameter",
+            )
+
+
+def reject_unpaired_surrogates(value: Any, path: str = "") -> None:
+    """Raise a 400 naming the first string or object key in ``value`` holding a lone surrogate.
+
+    ``json.loads`` turns an escape such as ``"\\ud800"`` into a str with an unpaired UTF-16
+    surrogate, which is not Unicode text: the model cannot tokenize it and no UTF-8 response (nor
+    an error message echoing it) can carry it. The walk is iterative (bodies may nest deeply),
+    visits each container once (in-process callers may pass shared or cyclic objects) and builds
+    a path only for the value it reports; a bad key is shown escaped, never raw.
+    """
+    # Stack entries: (node, parent link, path segment, is_key); a link is (parent link, segment).
+    stack: list[tuple[Any, Any, str, bool]] = [(value, None, path, False)]
+    seen: set[int] = set()
+    while stack:
+        node, parent, segment, is_key = stack.pop()
+        if isinstance(node, str):
+            if not node.isascii() and _has_surrogate(node):
+                where = _path_of((parent, segment))
+                shown = where[:200] + ("..." if len(where) > 200 else "")
+                what = f"the parameter name {shown}" if is_key else f"the value of '{shown}'"
+                raise bad_request(
+                    f"{what} contains an unpaired UTF-16 surrogate (U+D800..U+DFFF), which is "
+                    "not valid Unicode text",
+                    param=where or None,
+                    code="invalid_parameter",
+                )
+        elif isinstance(node, (dict, list, tuple)):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            link = (parent, segment)
+            if isinstance(node, dict):
+                for key, item in reversed(list(node.items())):
+                    key_segment = _key_segment(key)
+                    stack.append((item, link, key_segment, False))
+                    if isinstance(key, str):
+                        stack.append((key, link, key_segment, True))
+            else:
+                for index in range(len(node) - 1, -1, -1):
+                    stack.append((node[index], link, f"[{index}]", False))
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _key_segment(key: Any) -> str:
+    """An object key as a path segment: as sent, or escaped when it is not valid text."""
+    if isinstance(key, str) and (key.isascii() or not _has_surrogate(key)):
+        return f".{key}"
+    return f".{ascii(key)}"
+
+
+def _path_of(link: Any) -> str:
+    segments: list[str] = []
+    while link is not None:
+        link, segment = link
+        segments.append(segment)
+    return "".join(reversed(segments)).lstrip(".")
+
+
+def _validation_error(exc: ValidationError, body: Any = None) -> ApiError:
+    """The first error, named by the request's own path (pydantic's union-member and validator
+    tags such as ``str``, ``list[_TextPart]`` or ``function-after[...]`` dropped). When a union
+    member got further into the value than the first error (content=[{"text": 5}] fails both as
+    a string and at [0].text), the deeper error is the one that names the real problem."""
+    errors = exc.errors()
+    named = [(_request_path(error, body), error) for error in errors]
+    first_path, error = named[0]
+    best = len(first_path)
+    for path, candidate in named[1:]:
+        if len(path) > best and path[: len(first_path)] == first_path:
+            best, error = len(path), candidate
+    param = "".join(_request_path(error, body)).lstrip(".")
     message = error.get("msg", "invalid value")
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
     if error.get("type") == "extra_forbidden":
-        return bad_request(f"unknown parameter '{param}'", param=param, code="unknown_parameter")
+        return bad_request(
+            f"unknown parameter {_show(param, 200)}", param=param, code="unknown_parameter"
+        )
     if error.get("type") == "missing":
-        return bad_request(f"'{param}' is required", param=param, code="missing_parameter")
+        return bad_request(
+            f"{_show(param, 200)} is required", param=param, code="missing_parameter"
+        )
     return bad_request(
-        f"invalid value for '{param}': {message}", param=param, code="invalid_parameter"
+        f"invalid value for {_show(param, 200)}: {message}", param=param, code="invalid_parameter"
     )
+
+
+def _request_path(error: Any, body: Any) -> list[str]:
+    """pydantic's ``loc`` walked through the body that was validated: an element that is a key or
+    index of the value at that point is part of the request's path; anything else is a tag of
+    pydantic's own (kept only as the last element of a missing/extra field, which is a name)."""
+    location = list(error.get("loc", ()))
+    segments: list[str] = []
+    node = body
+    for i, part in enumerate(location):
+        if isinstance(node, dict) and isinstance(part, str) and part in node:
+            segments.append(_key_segment(part))
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            segments.append(f"[{part}]")
+            node = node[part]
+        elif i == len(location) - 1 and error.get("type") in ("missing", "extra_forbidden"):
+            segments.append(_key_segment(part) if isinstance(part, str) else f"[{part}]")
+        elif body is None:  # no body to walk: keep what looks like a field name or index
+            if isinstance(part, int):
+                segments.append(f"[{part}]")
+            elif part.isidentifier():
+                segments.append(f".{part}")
+    return segments
 
 
 # ----------------------------------------------------------------------------- response

@@ -15,7 +15,8 @@ bugs and then without internals. Once a stream has started, an error goes out as
 
 The layer stays thin: all validation is ``schema.parse_request``'s, all generation is
 ``ChatService``'s.
-Blocking work runs in worker threads; a bounded admission counter turns overload into 429s.
+Parsing and validation run in worker threads; generation runs on the model's engine thread,
+whose bounded queue turns overload into 429s. The event loop only moves bytes.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import logging
 import socket
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -42,8 +45,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from phi3edge import openapi
 from phi3edge.errors import ApiError, bad_request
 from phi3edge.export import MANIFEST
+from phi3edge.http_guard import (
+    HostGuardMiddleware,
+    HostPolicy,
+    JsonBodyMiddleware,
+    check_allowed_hosts,
+    error_response,
+)
+from phi3edge.limits import Limits
+from phi3edge.openapi import API_VERSION as _API_VERSION
+from phi3edge.openapi import AZURE_CHAT as _AZURE_CHAT
+from phi3edge.openapi import OPENAI_CHAT as _OPENAI_CHAT
 from phi3edge.schema import ChatRequest, Route, StreamingChatCompletionsUpdate, parse_request
 from phi3edge.service import ChatService
 
@@ -55,7 +70,6 @@ RETRY_AFTER_SECONDS = 1
 _OPEN_PATHS = frozenset({"/health"})  # answered without an API key (liveness probes)
 _DISCONNECT_POLL_SECONDS = 0.05
 _DONE = b"data: [DONE]\n\n"
-_END = object()  # sentinel for next(): StopIteration cannot cross a thread hand-off
 
 
 @dataclass(frozen=True)
@@ -66,27 +80,29 @@ class ServerSettings:
     port: int = 8000
     api_key: str | None = None
     max_body_bytes: int = 4 * 1024 * 1024
-    max_queue: int = 16  # chat requests generating or waiting for the model; more get 429
     cors_origins: tuple[str, ...] = ()  # empty: no CORS middleware at all
+    # Host header values answered besides localhost and `host` ("*" = any); see http_guard.
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1:
             raise ValueError("max_body_bytes must be >= 1")
-        if self.max_queue < 1:
-            raise ValueError("max_queue must be >= 1")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is outside 0..65535")
+        if isinstance(self.allowed_hosts, str):
+            raise ValueError("allowed_hosts must be a tuple of host names, not a string")
+        check_allowed_hosts(self.allowed_hosts)
 
 
 # ----------------------------------------------------------------------------- errors
 
 
 def _error_response(error: ApiError, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    """The one place the error envelope and ``x-ms-error-code`` are written."""
-    all_headers = {"x-ms-error-code": error.code, **(headers or {})}
+    """``http_guard.error_response`` (the envelope's one writer) plus Retry-After on 429."""
+    all_headers = dict(headers or {})
     if error.status == 429:
         all_headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
-    return JSONResponse(error.as_dict(), status_code=error.status, headers=all_headers)
+    return error_response(error, all_headers)
 
 
 def _internal_error() -> ApiError:
@@ -155,52 +171,11 @@ class _ApiKeyMiddleware:
         return any(matches)
 
 
-# ----------------------------------------------------------------------------- admission
-
-
-class _Admission:
-    """Bounds chat requests generating or waiting for the model; the next one gets 429.
-
-    The service serialises generation with a lock, so waiting requests block worker threads. Each
-    admitted request needs at most one thread at a time, so a private thread limiter of the same
-    size can never starve the request that holds the model (the shared default pool could).
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._active = 0
-        self._guard = threading.Lock()  # TestClient may drive one app from several event loops
-        self._threads = anyio.CapacityLimiter(limit)
-
-    @property
-    def active(self) -> int:
-        return self._active
-
-    def enter(self) -> None:
-        with self._guard:
-            if self._active >= self.limit:
-                raise ApiError(
-                    429,
-                    "too_many_requests",
-                    f"{self.limit} requests are already running or waiting for the model; "
-                    f"retry after {RETRY_AFTER_SECONDS} s",
-                )
-            self._active += 1
-
-    def leave(self) -> None:
-        with self._guard:
-            self._active -= 1
-
-    async def run(self, func: Callable[..., T], *args: Any) -> T:
-        """Run blocking ``func`` in a worker thread (never on the event loop)."""
-        return await anyio.to_thread.run_sync(func, *args, limiter=self._threads)
-
-
 # ----------------------------------------------------------------------------- request bodies
 
 
-async def _read_json(request: Request, limit: int) -> Any:
-    """Raw bytes (at most ``limit``) -> JSON value; FastAPI never sees the body."""
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The raw body, at most ``limit`` bytes; FastAPI never sees it."""
     too_large = ApiError(413, "payload_too_large", f"the request body exceeds {limit} bytes", None)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -212,9 +187,12 @@ async def _read_json(request: Request, limit: int) -> Any:
         if size > limit:
             raise too_large
         chunks.append(chunk)
-    raw = b"".join(chunks)
+    return b"".join(chunks)
+
+
+def _parse_json(raw: bytes) -> Any:
     try:
-        value = json.loads(raw, parse_constant=_reject_constant)
+        return json.loads(raw, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         detail = f"{exc.msg} (line {exc.lineno}, column {exc.colno})"
     except UnicodeDecodeError:
@@ -223,9 +201,12 @@ async def _read_json(request: Request, limit: int) -> Any:
         detail = "it is nested too deeply"
     except ValueError as exc:  # NaN / Infinity, refused by _reject_constant
         detail = str(exc)
-    else:
-        return value
     raise bad_request(f"the request body is not valid JSON: {detail}", code="invalid_json")
+
+
+def _parse_chat(raw: bytes, route: Route, policy: str | None) -> ChatRequest:
+    """JSON text -> validated request; CPU-bound, so it runs in a worker thread."""
+    return parse_request(_parse_json(raw), route=route, extra_parameters=policy)
 
 
 def _reject_constant(name: str) -> Any:
@@ -243,7 +224,9 @@ def _sse(data: Mapping[str, Any]) -> bytes:
 class _EventStream(StreamingResponse):
     """An SSE response that always runs ``cleanup`` when it ends, however it ends."""
 
-    def __init__(self, content: AsyncIterator[bytes], cleanup: Callable[[], Any]) -> None:
+    def __init__(
+        self, content: AsyncIterator[bytes], cleanup: Callable[[], Awaitable[None]]
+    ) -> None:
         super().__init__(
             content,
             media_type="text/event-stream",
@@ -259,36 +242,42 @@ class _EventStream(StreamingResponse):
                 await self._cleanup()
 
 
-async def _watch_disconnect(request: Request, cancelled: threading.Event) -> None:
-    """Set ``cancelled`` when the client goes away, so the engine stops after its current step."""
-    while not cancelled.is_set():
-        if await request.is_disconnected():
-            log.info("client disconnected; cancelling generation")
-            cancelled.set()
-            return
-        await asyncio.sleep(_DISCONNECT_POLL_SECONDS)
+class _ClientGone(Exception):
+    """The client hung up while we waited for the engine."""
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client goes away first, cancel it (which cancels its job)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while not task.done():
+            if await request.is_disconnected():
+                log.info("client disconnected; cancelling generation")
+                task.cancel()
+                return
+            await asyncio.sleep(_DISCONNECT_POLL_SECONDS)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if task.cancelled() and not watcher.done():
+            raise  # we were cancelled ourselves
+        raise _ClientGone() from None
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
 
 
 async def _stream(request: Request, chat: ChatRequest, route: Route) -> Response:
-    """Produce the first chunk before answering 200, so early errors keep their 4xx status."""
+    """Wait for the first chunk before answering 200, so early errors keep their 4xx status."""
     service: ChatService = request.app.state.service
-    admission: _Admission = request.app.state.admission
-    cancelled = threading.Event()
-    watcher = asyncio.ensure_future(_watch_disconnect(request, cancelled))
     usage_chunk = route == "openai" and chat.include_usage_in_stream
     # OpenAI sends usage only when stream_options.include_usage asks for it.
     drop_usage = route == "openai" and not usage_chunk
-    chunks = service.stream(chat, cancelled=cancelled.is_set, usage_chunk=usage_chunk)
-
-    async def cleanup() -> None:
-        cancelled.set()
-        watcher.cancel()
-        try:
-            # Closing the generator releases the model lock even if the client left mid-stream.
-            # No worker can be inside it now: thread calls are not abandoned on cancellation.
-            await admission.run(chunks.close)
-        finally:
-            admission.leave()
+    chunks = service.astream(chat, usage_chunk=usage_chunk)
 
     def event(chunk: StreamingChatCompletionsUpdate) -> bytes:
         data = chunk.as_dict()
@@ -297,17 +286,16 @@ async def _stream(request: Request, chat: ChatRequest, route: Route) -> Response
         return _sse(data)
 
     try:
-        first = await admission.run(next, chunks, _END)
+        first = await _unless_disconnected(request, anext(chunks))
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await cleanup()
+            await chunks.aclose()
         raise
 
     async def events() -> AsyncIterator[bytes]:
-        if first is not _END:
-            yield event(first)
+        yield event(first)
         try:
-            while (chunk := await admission.run(next, chunks, _END)) is not _END:
+            async for chunk in chunks:
                 yield event(chunk)
         except ApiError as exc:
             yield _sse(exc.as_dict())
@@ -318,83 +306,64 @@ async def _stream(request: Request, chat: ChatRequest, route: Route) -> Response
             return
         yield _DONE
 
-    return _EventStream(events(), cleanup)
+    return _EventStream(events(), chunks.aclose)
 
 
 # ----------------------------------------------------------------------------- routes
 
 router = APIRouter()
 
-# The body is read and validated by hand (parse_request), so describe it for the schema here.
-_API_VERSION = {
-    "name": "api-version",
-    "in": "query",
-    "required": False,
-    "schema": {"type": "string"},
-    "description": "Sent by the Azure SDK; accepted and ignored.",
-}
-_CHAT_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "required": ["messages"],
-                "properties": {"messages": {"type": "array", "items": {"type": "object"}}},
-                "additionalProperties": True,
-            }
-        }
-    },
-}
-_AZURE_CHAT = {
-    "parameters": [
-        _API_VERSION,
-        {
-            "name": "extra-parameters",
-            "in": "header",
-            "required": False,
-            "schema": {"type": "string", "enum": ["error", "drop", "pass-through"]},
-            "description": "What to do with parameters outside the Azure schema (default error).",
-        },
-    ],
-    "requestBody": _CHAT_BODY,
-}
+# The body is read and validated by hand (parse_request); phi3edge.openapi describes it
+# (_API_VERSION, _AZURE_CHAT, _OPENAI_CHAT) and every response, from pydantic models.
 
 
 async def _chat(request: Request, route: Route) -> Response:
-    """Both chat routes: read, validate, admit, then answer whole or as a stream."""
+    """Both chat routes: read, validate (off the event loop), then answer whole or as a stream.
+
+    The engine's queue bounds how many requests run or wait (429 beyond it); a client that hangs
+    up cancels its request within one unit of the engine's work.
+    """
     state = request.app.state
-    body = await _read_json(request, state.settings.max_body_bytes)
+    raw = await _read_body(request, state.settings.max_body_bytes)
     policy = request.headers.get("extra-parameters") if route == "azure" else None
-    chat = parse_request(body, route=route, extra_parameters=policy)
-    state.admission.enter()
-    if chat.stream:
-        return await _stream(request, chat, route)  # leaves the admission when the stream ends
-    cancelled = threading.Event()  # a client that hangs up frees the model within one step
-    watcher = asyncio.ensure_future(_watch_disconnect(request, cancelled))
+    chat = await anyio.to_thread.run_sync(_parse_chat, raw, route, policy)
     try:
-        result = await state.admission.run(state.service.complete, chat, cancelled.is_set)
-    finally:
-        watcher.cancel()
-        state.admission.leave()
+        if chat.stream:
+            return await _stream(request, chat, route)
+        result = await _unless_disconnected(request, state.service.acomplete(chat))
+    except _ClientGone:
+        return Response(status_code=499)  # nobody reads it
     return JSONResponse(result.as_dict())
 
 
-@router.get("/health", summary="Liveness probe (no API key needed)")
-async def health() -> JSONResponse:
-    return JSONResponse({"status": "ok"})
+@router.get(
+    "/health",
+    summary="Liveness probe (no API key needed)",
+    responses=openapi.HEALTH_RESPONSES,
+)
+async def health(request: Request) -> JSONResponse:
+    """``ok`` while the engine thread runs (503 once it has stopped), and how many requests are
+    running or waiting for it (beyond ``max_queue`` they are refused with 429)."""
+    core = request.app.state.service.core
+    body = {
+        "status": "ok" if core.alive else "engine_stopped",
+        "requests": core.jobs,
+        "max_queue": core.limits.max_queue,
+    }
+    return JSONResponse(body, 200 if core.alive else 503)
 
 
 @router.get(
     "/info",
     summary="The served model (Azure AI Model Inference: get_model_info)",
     openapi_extra={"parameters": [_API_VERSION]},
+    responses=openapi.INFO_RESPONSES,
 )
 async def info(request: Request) -> JSONResponse:
     return JSONResponse(request.app.state.service.model_info().as_dict())
 
 
-@router.get("/models/info", summary="Alias of /info")
+@router.get("/models/info", summary="Alias of /info", responses=openapi.INFO_RESPONSES)
 async def models_info(request: Request) -> JSONResponse:
     return await info(request)
 
@@ -403,6 +372,7 @@ async def models_info(request: Request) -> JSONResponse:
     "/chat/completions",
     summary="Chat completions, Azure AI Model Inference API",
     openapi_extra=_AZURE_CHAT,
+    responses=openapi.CHAT_RESPONSES,
 )
 async def chat_completions_azure(request: Request) -> Response:
     """Parameters outside the Azure schema follow the ``extra-parameters`` header."""
@@ -412,13 +382,18 @@ async def chat_completions_azure(request: Request) -> Response:
 @router.post(
     "/v1/chat/completions",
     summary="Chat completions, OpenAI-compatible",
-    openapi_extra={"requestBody": _CHAT_BODY},
+    openapi_extra=_OPENAI_CHAT,
+    responses=openapi.CHAT_RESPONSES,
 )
 async def chat_completions_openai(request: Request) -> Response:
     return await _chat(request, "openai")
 
 
-@router.get("/v1/models", summary="The served model in OpenAI's list shape")
+@router.get(
+    "/v1/models",
+    summary="The served model in OpenAI's list shape",
+    responses=openapi.MODELS_RESPONSES,
+)
 async def list_models(request: Request) -> JSONResponse:
     service: ChatService = request.app.state.service
     model = {
@@ -443,7 +418,6 @@ def create_app(service: ChatService, settings: ServerSettings | None = None) -> 
     )
     app.state.service = service
     app.state.settings = settings
-    app.state.admission = _Admission(settings.max_queue)
     manifest = Path(service.model.folder) / MANIFEST
     app.state.model_created = int(manifest.stat().st_mtime) if manifest.exists() else 0
     app.include_router(router)
@@ -451,15 +425,27 @@ def create_app(service: ChatService, settings: ServerSettings | None = None) -> 
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(Exception, _on_unexpected)
+    # The last added runs first: Host check, CORS preflight, API key, JSON-only bodies, routes.
+    json_paths = {r.path for r in router.routes if "POST" in getattr(r, "methods", ())}
+    app.add_middleware(JsonBodyMiddleware, paths=json_paths)
     if settings.api_key:
         app.add_middleware(_ApiKeyMiddleware, api_key=settings.api_key)
-    if settings.cors_origins:  # added last, so preflight requests are answered before auth
+    if settings.cors_origins:  # preflight requests are answered before auth
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["*"],
         )
+    app.add_middleware(
+        HostGuardMiddleware, policy=HostPolicy(settings.host, settings.allowed_hosts)
+    )
+    openapi.install(
+        app,
+        model_name=service.model_name,
+        api_key_required=bool(settings.api_key),
+        open_paths=_OPEN_PATHS,
+    )
     return app
 
 
@@ -498,18 +484,42 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+@contextmanager
+def running(app: FastAPI, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free port in a background thread; yield its base URL.
+
+    For tests, benchmarks and apps that embed the HTTP shim next to their own code.
+    """
+    import uvicorn
+
+    sock = bind_socket(host, 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield url_of(sock)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+
+
 def serve(
     model_dir: str | Path,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
+    settings: ServerSettings | None = None,
     threads: int | None = None,
+    limits: Limits | None = None,
 ) -> None:
     """Load the model, then serve it with uvicorn until interrupted."""
     import uvicorn
 
-    settings = ServerSettings(host=host, port=port, api_key=api_key)
-    service = ChatService(model_dir, threads=threads)
+    settings = settings or ServerSettings()
+    service = ChatService(model_dir, threads=threads, limits=limits)
     app = create_app(service, settings)
     sock = bind_socket(settings.host, settings.port)
     announcement = (
@@ -528,3 +538,4 @@ def serve(
         _Server(config).run(sockets=[sock])
     finally:
         sock.close()
+        service.close()

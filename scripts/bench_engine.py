@@ -9,18 +9,28 @@ Measures in one run (each figure the median of --repeats runs):
     temperature 0.7, top_p 0.9, top_logprobs 20): the same figures; decode ratio = our overhead;
   - n=4 vs n=1 prefill and total time; cold vs cached time-to-first-token of a chat turn that
     extends a 1000-token conversation by 50 tokens; 8 requests via complete_batch vs one by one;
-  - peak RSS of this process.
+  - peak RSS of this process;
+  - concurrency through the HTTP server (one engine thread): 8 requests sent at once vs one at
+    a time (throughput ratio), and the latency of a short request alone, behind a long decode
+    and behind a long prompt's prefill (what the engine's batching and turn-taking buy).
 Speed does not depend on weight values, so these are real figures for Phi-3-mini.
+Run one part with --sections concurrency (results merge into the existing JSON).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
-from benchlib import bench_arguments, full_model, machine, median_time, table
+from benchlib import Server, bench_arguments, full_model, machine, median_time, table
 
 from phi3edge import engine, runtime
 from phi3edge.benchmark import NO_END, prompt_ids, time_generation
@@ -76,13 +86,97 @@ def med(pairs: list[tuple[float, float]]) -> tuple[float, float]:
     return float(np.median([p[0] for p in pairs])), float(np.median([p[1] for p in pairs]))
 
 
+def post(url: str, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """Send one chat request; (seconds until the whole answer, the answer)."""
+    started = time.perf_counter()
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=3600)
+    response.raise_for_status()
+    return time.perf_counter() - started, response.json()
+
+
+def concurrency(folder: Path, threads: int, results: dict[str, float]) -> None:
+    """Through ``phi3edge serve`` in its own process: batching of concurrent requests and
+    turn-taking (the clients here do not share the server's interpreter)."""
+    no_end = {str(k): v for k, v in NO_END.items()}
+    requests = [
+        {
+            "messages": [{"role": "user", "content": f"Request {i}: tell me about topic {i}."}],
+            "max_tokens": 32,
+            "temperature": 0.7,
+            "seed": i,
+            "logit_bias": no_end,
+        }
+        for i in range(8)
+    ]
+    short = {"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 1}
+    server = Server(folder, Path(tempfile.mkdtemp()) / "server.log", ["--threads", str(threads)])
+    url = server.url
+    try:
+        post(url, requests[0])  # warm-up
+        started = time.perf_counter()
+        for body in requests:
+            post(url, body)
+        sequential = time.perf_counter() - started
+        started = time.perf_counter()
+        with ThreadPoolExecutor(len(requests)) as pool:
+            list(pool.map(lambda body: post(url, body), requests))
+        concurrent = time.perf_counter() - started
+        results["concurrent8_over_sequential_throughput"] = sequential / concurrent
+        print(
+            f"8 requests through the server: at once {concurrent:.1f} s vs one at a time "
+            f"{sequential:.1f} s (throughput ratio {sequential / concurrent:.2f})",
+            flush=True,
+        )
+
+        alone = float(np.median([post(url, short)[0] for _ in range(3)]))
+        results["short_alone_s"] = alone
+        long_decode = {**requests[0], "max_tokens": 256}
+        long_prompt = {
+            "messages": [{"role": "user", "content": " ".join(f"topic{i}" for i in range(200))}],
+            "max_tokens": 1,
+        }
+        for name, long_body in (("decode", long_decode), ("prefill", long_prompt)):
+            with ThreadPoolExecutor(1) as pool:
+                running_long = pool.submit(post, url, long_body)
+                time.sleep(2.0)  # the long request is under way
+                behind, _ = post(url, short)
+                long_s, long_answer = running_long.result()
+            results[f"short_behind_long_{name}_s"] = behind
+            results[f"long_{name}_s"] = long_s
+            # served one at a time, the short request would wait for the rest of the long one
+            results[f"short_behind_long_{name}_one_at_a_time_s"] = long_s - 2.0 + alone
+            print(
+                f"short request (1 token): alone {alone:.2f} s, behind a long {name} "
+                f"({long_answer['usage']['prompt_tokens']} prompt + "
+                f"{long_answer['usage']['completion_tokens']} new tokens, {long_s:.1f} s in all) "
+                f"{behind:.2f} s (one request at a time: about {long_s - 2.0 + alone:.1f} s)",
+                flush=True,
+            )
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = bench_arguments(__doc__)
+    parser.add_argument(
+        "--sections", default="all", choices=["all", "engine", "concurrency"], help="what to run"
+    )
     args = parser.parse_args()
     folder = full_model()
+    out = args.out / "bench_engine.json"
+    results: dict[str, float] = json.loads(out.read_text()) if out.exists() else {}
+    if args.sections in ("all", "concurrency"):
+        concurrency(folder, args.threads, results)
+    if args.sections in ("all", "engine"):
+        engine_sections(folder, args, results)
+    print(f"machine: {machine()}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+
+
+def engine_sections(folder: Path, args: argparse.Namespace, results: dict[str, float]) -> None:
     model = runtime.load(folder, threads=args.threads)
     r = args.repeats
-    results: dict[str, float] = {}
     rows = []
 
     for length in (128, 512):
@@ -163,12 +257,10 @@ def main() -> None:
         f"(throughput ratio {sequential / batched:.2f})"
     )
 
+    client.close()
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
     results["peak_rss_gb"] = peak_gb
     print(f"peak RSS of this process: {peak_gb:.2f} GB")
-    print(f"machine: {machine()}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_engine.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

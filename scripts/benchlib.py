@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
+import signal
 import statistics
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,3 +75,72 @@ def bench_arguments(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("results"))
     return parser
+
+
+_URL = re.compile(r" at (http://\S+) ")
+
+
+class Server:
+    """``phi3edge serve`` in a child process; its output (the server log) goes to ``log_path``.
+
+    stdout is read to the end by a thread: uvicorn's access log goes there, and an unread pipe
+    would fill up and block the server mid-request.
+    """
+
+    def __init__(self, model: Path, log_path: Path, flags: list[str]) -> None:
+        command = [sys.executable, "-m", "phi3edge.cli", "serve", str(model), "--port", "0"]
+        command += flags
+        self.log_path = log_path
+        self._log = log_path.open("w", encoding="utf-8")
+        self.proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=self._log, text=True, start_new_session=True
+        )
+        self._first_line: list[str] = []
+        self._started = threading.Event()
+        self._access_log = log_path.with_name("access.log").open("w", encoding="utf-8")
+        self._reader = threading.Thread(target=self._read_stdout, daemon=True)
+        self._reader.start()
+        self.url = self._wait_for_url(timeout=180)
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if not self._started.is_set():
+                self._first_line.append(line)
+                self._started.set()
+            else:
+                self._access_log.write(line)
+        self._started.set()  # the process ended before printing anything
+
+    def _wait_for_url(self, timeout: float) -> str:
+        self._started.wait(timeout)
+        match = _URL.search(self._first_line[0]) if self._first_line else None
+        if match is None:
+            self.stop()
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise SystemExit(f"phi3edge serve did not start: {self._first_line!r}\n{tail}")
+        return match[1]
+
+    def rss_kb(self) -> int:
+        """The server process's resident memory (VmRSS), in KiB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS in /proc status")
+
+    def errors(self) -> list[str]:
+        """ERROR lines and tracebacks in the server log."""
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return [line for line in lines if line.startswith(("ERROR", "Traceback"))]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(timeout=5)
+        self._log.close()
+        self._access_log.close()

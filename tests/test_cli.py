@@ -62,3 +62,19 @@ def test_usage_errors_exit_2(capsys) -> None:
     with pytest.raises(SystemExit) as info:
         main(["export"])
     assert info.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--max-queue", "0"], "max_queue must be >= 1"),
+        (["--max-n", "17"], "max_n must be <= 16"),
+        (["--time-budget", "-1"], "time_budget_s must be > 0"),
+        (["--allowed-host", ""], "allowed"),
+    ],
+)
+def test_serve_refuses_nonsense_limits_before_loading(
+    tmp_path: Path, capsys, flags: list[str], words: str
+) -> None:
+    assert main(["serve", str(tmp_path / "no-model"), *flags]) == 2
+    assert words in capsys.readouterr().err

@@ -148,8 +148,12 @@ def test_errors_are_api_errors(client: ChatCompletionsClient) -> None:
         client.complete(messages=HELLO, max_tokens=5000)
 
 
-def test_system_message_is_folded_into_the_user_turn(client: ChatCompletionsClient) -> None:
-    model = client._service.model
+def test_system_message_is_folded_into_the_user_turn(
+    client: ChatCompletionsClient, tiny_int4: Path
+) -> None:
+    from phi3edge import runtime
+
+    model = runtime.load(tiny_int4, threads=1)
     request = parse_request(
         {
             "messages": [
@@ -177,6 +181,8 @@ def test_logprobs_match_the_fp32_models_own_logits(tiny_fp32: Path) -> None:
     """Greedy tokens and reported logprobs against onnxruntime run on the whole sequence."""
     import onnxruntime as ort
 
+    from phi3edge import runtime
+
     fp32 = ChatCompletionsClient(tiny_fp32)
     response = fp32.complete(
         messages=HELLO,
@@ -186,7 +192,7 @@ def test_logprobs_match_the_fp32_models_own_logits(tiny_fp32: Path) -> None:
         top_logprobs=5,
         logit_bias={32007: -100, 32000: -100, 32001: -100},
     )
-    model = fp32._service.model
+    model = runtime.load(tiny_fp32, threads=1)
     prompt = build_prompt(
         model, parse_request({"messages": [m.as_dict() for m in HELLO]}).messages, 6
     ).ids
@@ -231,9 +237,9 @@ def test_multi_turn_reuses_the_kv_cache_with_identical_results(tiny_int4: Path) 
         assert a.choices[0].message.content == b.choices[0].message.content
         assert a.choices[0].logprobs.as_dict() == b.choices[0].logprobs.as_dict()
         history.append({"role": "assistant", "content": a.choices[0].message.content})
-    cache = cached._service.prefix_cache
+    cache = cached._service.core.prefix_cache
     assert cache.hits == 3 and cache.reused_tokens > 3 * 20
-    assert cold._service.prefix_cache.hits == 0
+    assert cold._service.core.prefix_cache.hits == 0
 
 
 def test_thread_setting_reaches_the_onnxruntime_session(tiny_int4: Path) -> None:
@@ -242,10 +248,9 @@ def test_thread_setting_reaches_the_onnxruntime_session(tiny_int4: Path) -> None
     import os
 
     def threads_after_load(threads: int) -> int:
-        client = ChatCompletionsClient(tiny_int4, threads=threads)
-        client.complete(messages=HELLO, max_tokens=1)
-        count = len(os.listdir("/proc/self/task"))
-        del client
+        with ChatCompletionsClient(tiny_int4, threads=threads) as client:
+            client.complete(messages=HELLO, max_tokens=1)
+            count = len(os.listdir("/proc/self/task"))
         gc.collect()
         return count
 
@@ -315,7 +320,7 @@ def test_regression_forced_assistant_token_does_not_end_a_batch_row(tiny_int4: P
 
 
 def test_kv_cache_that_grows_per_step_gives_the_same_answer(
-    client: ChatCompletionsClient, monkeypatch: pytest.MonkeyPatch
+    client: ChatCompletionsClient, tiny_int4: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Requests too big to preallocate their KV cache (e.g. no max_tokens) grow it per step."""
     from phi3edge import engine
@@ -323,8 +328,8 @@ def test_kv_cache_that_grows_per_step_gives_the_same_answer(
     kwargs = {"messages": HELLO, "max_tokens": 12, "seed": 4, "temperature": 0.9, "n": 2}
     preallocated = client.complete(**kwargs)
     monkeypatch.setattr(engine, "KV_PREALLOCATE_BYTES", 0)
-    client._service.prefix_cache.clear()
-    growing = client.complete(**kwargs)
+    with ChatCompletionsClient(tiny_int4, kv_cache_entries=0) as fresh:
+        growing = fresh.complete(**kwargs)
     assert [c.message.content for c in growing.choices] == [
         c.message.content for c in preallocated.choices
     ]

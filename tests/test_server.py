@@ -14,20 +14,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from phi3edge import engine
-from phi3edge.server import ServerSettings, bind_socket, create_app, url_of
+from phi3edge.limits import Limits
+from phi3edge.server import ServerSettings, create_app, running
 from phi3edge.service import ChatService
 
 KEY = "test-key-0123"
@@ -43,25 +42,6 @@ class Live:
     service: ChatService
 
 
-@contextmanager
-def _running(app: FastAPI) -> Iterator[str]:
-    """Run ``app`` on a real uvicorn server in a thread on a free loopback port."""
-    sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield url_of(sock)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def service(tiny_int4: Path) -> ChatService:
     return ChatService(tiny_int4, threads=1)
@@ -70,7 +50,7 @@ def service(tiny_int4: Path) -> ChatService:
 @pytest.fixture(scope="module")
 def live(service: ChatService) -> Iterator[Live]:
     app = create_app(service, ServerSettings(api_key=KEY))
-    with _running(app) as url:
+    with running(app) as url:
         yield Live(url, app, service)
 
 
@@ -87,7 +67,9 @@ def client_factory(service: ChatService) -> Iterator[Callable[..., TestClient]]:
 
     def make(**settings: Any) -> TestClient:
         client = TestClient(
-            create_app(service, ServerSettings(**settings)), raise_server_exceptions=False
+            create_app(service, ServerSettings(**settings)),
+            base_url="http://127.0.0.1:8000",  # a local Host header, as a real client sends
+            raise_server_exceptions=False,
         )
         clients.append(client)
         return client
@@ -121,12 +103,8 @@ def _events(lines: Iterator[str]) -> Iterator[str]:
 
 
 def _wait_idle(live: Live, timeout: float = 5.0) -> None:
-    """Wait until no request is admitted and the model lock is free."""
+    """Wait until no request is running or waiting for the engine."""
     assert live.service.wait_idle(timeout), "generation did not stop"
-    deadline = time.monotonic() + timeout
-    while live.app.state.admission.active:
-        assert time.monotonic() < deadline, "admission slot was not released"
-        time.sleep(0.01)
 
 
 # ----------------------------------------------------------------------------- azure-ai-inference
@@ -356,6 +334,9 @@ def _msgs(**params: Any) -> dict[str, Any]:
     return {"messages": HELLO, **params}
 
 
+_H = b'{"messages": [{"role": "user", "content": "hi"}]'  # a body to continue by hand
+
+
 # (id, method, path, extra headers, json body or raw bytes, status, code)
 BAD_INPUT: list[tuple[str, str, str, dict[str, str], Any, int, str]] = [
     ("malformed-json", "POST", AZ, {}, b'{"messages": [', 400, "invalid_json"),
@@ -420,6 +401,42 @@ BAD_INPUT: list[tuple[str, str, str, dict[str, str], Any, int, str]] = [
     ("wrong-bearer", "GET", "/v1/models", {"api-key": "", "Authorization": "Bearer nope"}, None,
      401, "unauthorized"),
     ("key-on-unknown-route", "GET", "/admin", {"api-key": "nope"}, None, 401, "unauthorized"),
+    # found by fuzzing: each was a 500, a wrong reading or a silent acceptance
+    ("lone-surrogate-content", "POST", OA, {},
+     b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, "invalid_parameter"),
+    ("lone-surrogate-stream", "POST", OA, {},
+     b'{"stream": true, "messages": [{"role": "user", "content": "\\udfff"}]}', 400,
+     "invalid_parameter"),
+    ("lone-surrogate-model", "POST", AZ, {}, _H + b', "model": "\\udc00"}', 400,
+     "invalid_parameter"),
+    ("lone-surrogate-stop", "POST", OA, {}, _H + b', "stop": ["ok", "\\ud800"]}', 400,
+     "invalid_parameter"),
+    ("lone-surrogate-param-name", "POST", OA, {}, _H + b', "x\\ud800": 1}', 400,
+     "invalid_parameter"),
+    ("lone-surrogate-param-name-azure", "POST", AZ, {}, _H + b', "x\\ud800": 1}', 400,
+     "invalid_parameter"),
+    ("message-without-content", "POST", OA, {}, {"messages": [{"role": "user"}]}, 400,
+     "missing_parameter"),
+    ("message-null-content", "POST", AZ, {}, {"messages": [{"role": "user", "content": None}]},
+     400, "invalid_parameter"),
+    ("content-number", "POST", AZ, {}, {"messages": [{"role": "user", "content": 5}]}, 400,
+     "invalid_parameter"),
+    ("text-part-number", "POST", AZ, {},
+     {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 400,
+     "invalid_parameter"),
+    ("logit-bias-400-digits", "POST", OA, {}, _H + b', "logit_bias": {"5": 1' + b"0" * 400 + b"}}",
+     400, "invalid_parameter"),
+    ("logit-bias-noncanonical-key", "POST", OA, {}, _msgs(logit_bias={" 1_0 ": 1}), 400,
+     "invalid_parameter"),
+    ("stop-1mb", "POST", OA, {}, _msgs(stop="x" * 1_000_000), 400, "invalid_parameter"),
+    ("stop-1000", "POST", AZ, {}, _msgs(stop=["a"] * 1000), 400, "invalid_parameter"),
+    ("include-usage-string", "POST", OA, {},
+     _msgs(stream=True, stream_options={"include_usage": "no"}), 400, "invalid_parameter"),
+    ("max-tokens-over-the-limit", "POST", OA, {}, _msgs(max_tokens=1000, n=16), 400,
+     "invalid_parameter"),
+    ("text-plain-body", "POST", OA, {"Content-Type": "text/plain"}, _msgs(), 415,
+     "unsupported_media_type"),
+    ("foreign-host", "POST", OA, {"Host": "evil.example"}, _msgs(), 400, "invalid_host"),
 ]  # fmt: skip
 
 
@@ -439,7 +456,11 @@ def test_bad_input_answers_the_error_envelope(
 ) -> None:
     content = body if isinstance(body, bytes) else None if body is None else json.dumps(body)
     response = http.request(
-        method, path, headers=headers, content=content, params={"api-version": "2024-05-01-preview"}
+        method,
+        path,
+        headers={"Content-Type": "application/json", **headers},
+        content=content,
+        params={"api-version": "2024-05-01-preview"},
     )
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
@@ -491,7 +512,8 @@ def test_stream_is_data_only_sse_ending_with_done(http: httpx.Client) -> None:
 
 def test_both_key_headers_are_accepted_and_health_is_open(live: Live) -> None:
     with httpx.Client(base_url=live.url, timeout=30) as client:
-        assert client.get("/health").json() == {"status": "ok"}
+        health = client.get("/health").json()
+        assert health == {"status": "ok", "requests": 0, "max_queue": 16}
         assert client.get("/info", headers={"api-key": KEY}).status_code == 200
         bearer = client.get("/models/info", headers={"Authorization": f"Bearer {KEY}"})
         assert bearer.json()["model_name"] == "Phi-3-mini-4k-instruct"
@@ -508,10 +530,10 @@ def test_internal_error_is_a_json_500_without_internals(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    def broken(request: Any, cancelled: Any = None) -> Any:
+    async def broken(request: Any) -> Any:
         raise RuntimeError("secret detail")
 
-    monkeypatch.setattr(service, "complete", broken)
+    monkeypatch.setattr(service, "acomplete", broken)
     client = client_factory()
     response = client.post(OA, json=_msgs(max_tokens=2))
     assert response.status_code == 500
@@ -526,7 +548,7 @@ def test_internal_error_is_a_json_500_without_internals(
     }
     assert "secret detail" not in response.text and "Traceback" not in response.text
     assert "secret detail" in caplog.text  # logged on our side
-    assert client.app.state.admission.active == 0
+    assert service.wait_idle(5)
 
 
 def test_error_after_the_first_chunk_goes_out_in_the_stream(
@@ -534,17 +556,17 @@ def test_error_after_the_first_chunk_goes_out_in_the_stream(
     service: ChatService,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real = service.stream
+    real = service.astream
 
-    def failing(*args: Any, **kwargs: Any) -> Iterator[Any]:
+    async def failing(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         chunks = real(*args, **kwargs)
         try:
-            yield next(chunks)
+            yield await anext(chunks)
             raise RuntimeError("secret detail")
         finally:
-            chunks.close()
+            await chunks.aclose()
 
-    monkeypatch.setattr(service, "stream", failing)
+    monkeypatch.setattr(service, "astream", failing)
     client = client_factory()
     with client.stream("POST", OA, json=_msgs(max_tokens=4, stream=True)) as response:
         assert response.status_code == 200
@@ -552,18 +574,19 @@ def test_error_after_the_first_chunk_goes_out_in_the_stream(
     assert json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
     assert json.loads(events[-1])["error"]["code"] == "internal_error"
     assert "[DONE]" not in events and "secret detail" not in "".join(events)
-    assert service.wait_idle(0) and client.app.state.admission.active == 0
+    assert service.wait_idle(5)
 
 
 # ----------------------------------------------------------------------------- queue and disconnect
 
 
 def test_queue_full_answers_429_and_admitted_requests_are_served(
-    service: ChatService, slow_steps: list[int]
+    tiny_int4: Path, slow_steps: list[int]
 ) -> None:
-    app = create_app(service, ServerSettings(max_queue=2))
+    service = ChatService(tiny_int4, threads=1, limits=Limits(max_queue=2))
+    app = create_app(service, ServerSettings())
     body = _msgs(max_tokens=1000, logit_bias=NO_EOS)
-    with _running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         with client.stream("POST", OA, json={**body, "stream": True}) as holder:
             lines = holder.iter_lines()  # keep it: a collected iterator closes the connection
             assert next(lines).startswith("data: ")  # the model is busy with this stream now
@@ -573,7 +596,7 @@ def test_queue_full_answers_429_and_admitted_requests_are_served(
             )
             thread.start()
             deadline = time.monotonic() + 5
-            while app.state.admission.active < 2:
+            while service.core.jobs < 2:
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             refused = client.post(OA, json=_msgs(max_tokens=3))
@@ -584,7 +607,8 @@ def test_queue_full_answers_429_and_admitted_requests_are_served(
         thread.join()
         assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 3
         assert client.post(OA, json=_msgs(max_tokens=2)).status_code == 200
-    assert app.state.admission.active == 0
+    assert service.wait_idle(5) and service.core.jobs == 0
+    service.close()
 
 
 def test_client_disconnect_stops_generation(live: Live, slow_steps: list[int]) -> None:
@@ -644,13 +668,13 @@ def test_body_limit_is_a_setting(client_factory: Callable[..., TestClient]) -> N
     client = client_factory(max_body_bytes=64)
     response = client.post(OA, json=_msgs(user="x" * 100))
     assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
-    small = client.post(OA, content=b"[]")  # under the limit: on to validation
+    small = client.post(OA, content=b"[]", headers={"Content-Type": "application/json"})
     assert small.status_code == 400 and small.json()["error"]["code"] == "invalid_request"
 
 
 def test_settings_reject_nonsense() -> None:
     with pytest.raises(ValueError, match="max_queue"):
-        ServerSettings(max_queue=0)
+        Limits(max_queue=0)
     assert ServerSettings().host == "127.0.0.1" and ServerSettings().cors_origins == ()
 
 
@@ -675,7 +699,7 @@ def test_cli_serve_port_0_prints_the_real_url(tiny_int4: Path, tmp_path: Path) -
             line,
         )
         assert match and int(match[2]) > 0, line
-        assert httpx.get(f"{match[1]}/health", timeout=10).json() == {"status": "ok"}
+        assert httpx.get(f"{match[1]}/health", timeout=10).json()["status"] == "ok"
     finally:
         proc.terminate()
         assert proc.wait(timeout=20) is not None

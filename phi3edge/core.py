@@ -1,0 +1,515 @@
+"""The engine thread: the one owner of a loaded model, its KV caches and its sampler states.
+
+Input: jobs (one or more validated ``ChatRequest``) from any thread, through ``EngineCore.submit``.
+Output: each job's events on its own channel (``Ticket``), read blocking (``events``) or from an
+event loop (``aevents``): ``Started`` (a request entered a batch), ``Steps`` (what a unit of work
+produced), then ``Finished`` or ``Failed``.
+Errors: ``submit`` raises 429 when ``max_queue`` jobs are already in; a request the model cannot
+answer (context, logit_bias ids, limits) ends its job with ``Failed`` before anything runs; a bug
+while generating ends the affected jobs with a 500 and the engine goes on.
+
+Nothing but this thread calls onnxruntime-genai for the model: it loads the model, tokenizes
+prompts and runs every generator, so no lock is held across a ``yield`` and no generator is
+resumed on another thread (vLLM's engine core at our scale).
+
+Scheduling (onnxruntime-genai cannot add rows to a running generator on CPU):
+- A request is tokenized and checked as soon as it arrives, so a bad one is answered at once even
+  while the model is busy.
+- Waiting requests form a batch when one of ``max_active_batches`` slots is free and the oldest
+  has waited ``BATCH_WINDOW_S`` (50 ms, so requests sent together arrive together): the oldest
+  waiting request plus every later one that fits with it (``engine.fits_in_batch``: rows,
+  context, a short batched prefill). A request with a long prompt runs alone and its prefill goes
+  in 256-token chunks.
+- Active batches take turns one unit of work at a time (a prefill chunk or a decode step); the
+  batch that has used the least engine time goes next. A short request arriving behind a long one
+  therefore starts at once and shares the engine, instead of waiting for the long one to end.
+- Cancellation and each request's time budget are checked between units of work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from phi3edge import engine, runtime
+from phi3edge.engine import ChoiceStep
+from phi3edge.errors import ApiError, in_batch
+from phi3edge.limits import Limits
+from phi3edge.prompt import Prompt, build_prompt
+from phi3edge.schema import ChatRequest, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class Started:
+    """Request ``request`` of the job entered a batch; its prompt has ``prompt_tokens``."""
+
+    request: int
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Steps:
+    """What one unit of work produced for request ``request`` (one step per open choice)."""
+
+    request: int
+    steps: list[ChoiceStep]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Every request of the job is done (last event)."""
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The job ended without an answer (last event)."""
+
+    error: ApiError
+
+
+Event = Started | Steps | Finished | Failed
+
+
+BATCH_WINDOW_S = 0.05  # how long the oldest waiting request waits for others to batch with
+
+
+def cancelled_error() -> ApiError:
+    return ApiError(499, "client_closed_request", "the client closed the request")
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+class _Job:
+    """Requests submitted together, the caller's channel and the flags both threads read."""
+
+    def __init__(
+        self,
+        requests: list[ChatRequest],
+        batch: bool,
+        deliver: Callable[[Event], None],
+        time_budget_s: float | None,
+    ) -> None:
+        self.requests = requests
+        self.batch = batch  # errors name the request index (complete_batch)
+        self.deliver = deliver
+        self.arrived = time.monotonic()
+        self.deadline = None if time_budget_s is None else self.arrived + time_budget_s
+        self.cancelled = threading.Event()
+        self.ended = False  # a last event was delivered (engine thread only)
+        self.started = False
+        self.open_requests = len(requests)
+
+    def halt(self) -> str | None:
+        if self.cancelled.is_set() or self.ended:
+            return "cancelled"
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return "length"
+        return None
+
+
+@dataclass
+class _Unit:
+    """One request of a job, tokenized and checked, waiting for or running in a batch."""
+
+    job: _Job
+    index: int
+    cfg: SamplingConfig
+    prompt: Prompt
+
+    def item(self) -> engine.BatchItem:
+        return engine.BatchItem(self.prompt, self.cfg, self.job.halt)
+
+
+class Ticket:
+    """The caller's side of a job: its events, and ``cancel``.
+
+    Made for a thread that blocks (``events``) or for an asyncio event loop (``aevents``): the
+    engine thread hands each event over with ``call_soon_threadsafe``, so the loop never blocks.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self._loop = loop
+        self._sync: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._async: asyncio.Queue[Event] | None = asyncio.Queue() if loop else None
+        self._job: _Job | None = None
+
+    def _deliver(self, event: Event) -> None:
+        if self._async is None:
+            self._sync.put(event)
+            return
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._async.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody will read this job
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Stop the job at the engine's next unit of work (safe from any thread, any time)."""
+        if self._job is not None:
+            self._job.cancelled.set()
+
+    def events(self) -> Iterator[Event]:
+        while True:
+            event = self._sync.get()
+            yield event
+            if isinstance(event, (Finished, Failed)):
+                return
+
+    async def aevents(self) -> AsyncIterator[Event]:
+        assert self._async is not None, "this ticket was made for a blocking reader"
+        while True:
+            event = await self._async.get()
+            yield event
+            if isinstance(event, (Finished, Failed)):
+                return
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@dataclass
+class _Batch:
+    """Units running as one onnxruntime-genai generator; advanced one unit of work at a time."""
+
+    units: list[_Unit]
+    work: Iterator[Any]
+    used_s: float = 0.0
+
+    def advance(self) -> bool:
+        """Run one unit of work and deliver what it produced; False when the batch is done."""
+        try:
+            produced = next(self.work)
+        except StopIteration:
+            return False
+        if len(self.units) == 1:  # engine.generate: a list of ChoiceStep, [] after a chunk
+            produced = [(0, step) for step in produced]
+        by_unit: dict[int, list[ChoiceStep]] = {}
+        for number, step in produced:
+            by_unit.setdefault(number, []).append(step)
+        for number, steps in by_unit.items():
+            unit = self.units[number]
+            if not unit.job.ended:
+                unit.job.deliver(Steps(unit.index, steps))
+        return True
+
+
+@dataclass
+class EngineStats:
+    """Counters the engine thread keeps (read them anywhere; only it writes them)."""
+
+    batches: int = 0  # batches started
+    batched_requests: int = 0  # requests that ran in a batch with others
+    largest_batch_rows: int = 0
+
+
+class _Shared:
+    """What the caller side and the engine thread both touch: the inbox and the job count."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.idle = threading.Condition()
+        self.jobs = 0  # submitted and not yet ended
+        self.closing = False
+        self.stats = EngineStats()
+
+    def stop(self) -> None:
+        with self.idle:
+            self.closing = True
+        self.inbox.put(None)
+
+
+class EngineCore:
+    """The caller's handle on an engine thread that loads a model and answers jobs.
+
+    The thread does not reference this handle: when the handle is closed or garbage collected,
+    the thread stops and frees the model. ``model`` here is the loaded model's metadata only
+    (manifest, token table, sizes); its onnxruntime-genai objects stay on the engine thread.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        threads: int | None = None,
+        kv_cache_entries: int = 1,
+        limits: Limits | None = None,
+    ) -> None:
+        self.limits = limits or Limits()
+        self._shared = _Shared(self.limits)
+        # Owned by the engine thread; callers may read its counters (hits, reused_tokens).
+        self.prefix_cache = engine.PrefixCache(kv_cache_entries)
+        loaded: queue.SimpleQueue[runtime.LoadedModel | BaseException] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=_engine_thread,
+            args=(self._shared, model_dir, threads, self.prefix_cache, loaded),
+            name="phi3edge-engine",
+            daemon=True,
+        )
+        self._thread.start()
+        result = loaded.get()
+        if isinstance(result, BaseException):
+            raise result
+        self.model = dataclasses.replace(result, model=None, tokenizer=None)
+        self._finalizer = weakref.finalize(self, _shut_down, self._shared, self._thread)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def stats(self) -> EngineStats:
+        return self._shared.stats
+
+    @property
+    def jobs(self) -> int:
+        """Jobs submitted and not yet ended (running or waiting): the queue the limit bounds."""
+        return self._shared.jobs
+
+    def submit(
+        self,
+        requests: list[ChatRequest],
+        batch: bool = False,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Ticket:
+        """Queue ``requests`` as one job; read its events from the returned ticket.
+
+        ``loop``: the event loop that will read the events (``Ticket.aevents``), or None for a
+        blocking reader. Raises 429 when ``max_queue`` jobs are already in, 503 when the engine
+        has stopped.
+        """
+        shared = self._shared
+        ticket = Ticket(loop)
+        job = _Job(requests, batch, ticket._deliver, self.limits.time_budget_s)
+        ticket._job = job
+        with shared.idle:
+            if shared.closing or not self.alive:
+                raise ApiError(503, "engine_stopped", "the model's engine has stopped")
+            if shared.jobs >= self.limits.max_queue:
+                raise ApiError(
+                    429,
+                    "too_many_requests",
+                    f"{shared.jobs} requests are already running or waiting for the model "
+                    f"(the limit is {self.limits.max_queue}); retry shortly",
+                )
+            shared.jobs += 1
+        shared.inbox.put(job)
+        return ticket
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no job is running or waiting; False on timeout (tests, shutdown)."""
+        with self._shared.idle:
+            return self._shared.idle.wait_for(lambda: self._shared.jobs == 0, timeout)
+
+    def close(self) -> None:
+        """Cancel every job, stop the thread and free the model (also at exit or when this
+        handle is garbage collected)."""
+        self._finalizer()
+
+
+def _shut_down(shared: _Shared, thread: threading.Thread) -> None:
+    shared.stop()
+    if thread is not threading.current_thread():
+        thread.join(30)
+
+
+def _engine_thread(
+    shared: _Shared,
+    model_dir: str | Path,
+    threads: int | None,
+    prefix_cache: engine.PrefixCache,
+    loaded: queue.SimpleQueue[Any],
+) -> None:
+    try:
+        model = runtime.load(model_dir, threads)
+    except BaseException as exc:  # handed to the constructor's caller
+        loaded.put(exc)
+        return
+    loaded.put(model)
+    _EngineLoop(shared, model, prefix_cache).run()
+
+
+class _EngineLoop:
+    """The engine thread's state and loop: waiting requests, active batches, the prefix cache."""
+
+    def __init__(
+        self, shared: _Shared, model: runtime.LoadedModel, prefix_cache: engine.PrefixCache
+    ) -> None:
+        self.shared = shared
+        self.limits = shared.limits
+        self.model = model
+        self.prefix_cache = prefix_cache
+
+    def run(self) -> None:
+        waiting: deque[_Unit] = deque()
+        batches: list[_Batch] = []
+        running = True
+        while running or waiting or batches:
+            if batches:
+                wait: float | None = 0.0
+            elif waiting:  # let requests sent at the same moment arrive and batch together
+                wait = max(0.0, waiting[0].job.arrived + BATCH_WINDOW_S - time.monotonic())
+            else:
+                wait = None
+            running = running and self._take_arrivals(waiting, wait)
+            if not running:  # closing: whatever is left ends at its next unit of work
+                for unit in [*waiting, *(u for b in batches for u in b.units)]:
+                    unit.job.cancelled.set()
+            self._drop_halted(waiting)
+            while (
+                waiting
+                and len(batches) < self.limits.max_active_batches
+                and (not running or waiting[0].job.arrived + BATCH_WINDOW_S <= time.monotonic())
+            ):
+                batches.insert(0, self._start_batch(waiting, batches))  # ties: newest first
+            if not batches:
+                continue
+            batch = min(batches, key=lambda b: b.used_s)
+            started = time.perf_counter()
+            try:
+                more = batch.advance()
+            except Exception:
+                log.exception("engine error; ending the requests of this batch")
+                more = False
+                for unit in batch.units:
+                    self._end(unit.job, Failed(ApiError(500, "internal_error", "internal error")))
+            batch.used_s += time.perf_counter() - started
+            if not more:
+                batches.remove(batch)
+                self._close_batch(batch)
+        self.prefix_cache.clear()
+        while True:  # jobs that arrived while closing
+            try:
+                job = self.shared.inbox.get(block=False)
+            except queue.Empty:
+                return
+            if job is not None:
+                self._end(job, Failed(ApiError(503, "engine_stopped", "the engine has stopped")))
+
+    def _take_arrivals(self, waiting: deque[_Unit], wait: float | None) -> bool:
+        """Prepare every job in the inbox, waiting up to ``wait`` seconds (None: until one
+        comes) for the first; False after ``close``."""
+        while True:
+            try:
+                job = self.shared.inbox.get(block=wait != 0, timeout=wait)
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            wait = 0
+            try:
+                waiting.extend(self._prepare(job))
+            except ApiError as exc:
+                self._end(job, Failed(exc))
+            except Exception:
+                log.exception("error while preparing a request")
+                self._end(job, Failed(ApiError(500, "internal_error", "internal error")))
+
+    def _prepare(self, job: _Job) -> list[_Unit]:
+        """Tokenize and check every request of ``job``; the first error fails the whole job."""
+        units = []
+        for index, request in enumerate(job.requests):
+            try:
+                cfg = request.sampling()
+                engine.sampler_params(cfg, self.model.vocab_size)  # logit_bias ids in range
+                prompt = build_prompt(
+                    self.model,
+                    request.messages,
+                    cfg.max_tokens,
+                    default_max_tokens=self.limits.default_max_tokens(request.n),
+                    max_prompt_tokens=self.limits.max_prompt_tokens,
+                )
+                self.limits.check(request)
+            except ApiError as exc:
+                raise in_batch(exc, index) if job.batch else exc from None
+            units.append(_Unit(job, index, cfg, prompt))
+        if not units:
+            self._end(job, Finished())
+        return units
+
+    def _drop_halted(self, waiting: deque[_Unit]) -> None:
+        """Waiting requests whose caller left go; a job out of time before it began fails."""
+        for unit in list(waiting):
+            reason = unit.job.halt()
+            if reason is None or (reason == "length" and unit.job.started):
+                continue  # a started job's late requests run and end at once with "length"
+            waiting.remove(unit)
+            if reason == "cancelled":
+                self._end_unit(unit, cancelled_error())
+            else:
+                self._end(
+                    unit.job,
+                    Failed(
+                        ApiError(
+                            503,
+                            "timeout",
+                            f"the request waited its whole time budget "
+                            f"({self.limits.time_budget_s} s) for the model; retry later",
+                        )
+                    ),
+                )
+
+    def _start_batch(self, waiting: deque[_Unit], batches: list[_Batch]) -> _Batch:
+        """The oldest waiting unit plus every later one that fits in one batch with it."""
+        chosen = [waiting.popleft()]
+        for unit in list(waiting):
+            if engine.fits_in_batch(self.model, [u.item() for u in [*chosen, unit]]):
+                chosen.append(unit)
+                waiting.remove(unit)
+        stats = self.shared.stats
+        stats.batches += 1
+        stats.batched_requests += len(chosen) if len(chosen) > 1 else 0
+        stats.largest_batch_rows = max(stats.largest_batch_rows, sum(u.cfg.n for u in chosen))
+        for unit in chosen:
+            unit.job.started = True
+            if not unit.job.ended:
+                unit.job.deliver(Started(unit.index, len(unit.prompt.ids)))
+        if len(chosen) == 1:
+            unit = chosen[0]
+            work: Iterator[Any] = engine.generate(
+                self.model, unit.prompt, unit.cfg, unit.job.halt, self.prefix_cache
+            )
+        else:
+            work = engine.generate_batch(self.model, [u.item() for u in chosen])
+        # A new batch starts level with the least-served one, so it goes next but cannot
+        # claim the time the others have already used.
+        used = min((b.used_s for b in batches), default=0.0)
+        return _Batch(chosen, work, used)
+
+    def _close_batch(self, batch: _Batch) -> None:
+        close = getattr(batch.work, "close", None)
+        if close is not None:
+            close()  # frees the generator now, not when the garbage collector gets to it
+        for unit in batch.units:
+            self._end_unit(unit, cancelled_error())
+
+    def _end_unit(self, unit: _Unit, cancelled: ApiError) -> None:
+        job = unit.job
+        job.open_requests -= 1
+        if job.open_requests == 0:
+            self._end(job, Failed(cancelled) if job.cancelled.is_set() else Finished())
+
+    def _end(self, job: _Job, event: Finished | Failed) -> None:
+        """Deliver the job's last event and free its queue slot (once)."""
+        if job.ended:
+            return
+        job.ended = True
+        job.deliver(event)
+        with self.shared.idle:
+            self.shared.jobs -= 1
+            self.shared.idle.notify_all()
