@@ -169,58 +169,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+_LIMIT_FLAGS = [  # (flag, field of phi3edge.limits.Limits, help)
+    (
+        "--max-tokens-limit",
+        "max_tokens",
+        "largest max_tokens a request may ask; also the default when it gives none",
+    ),
+    ("--max-output-tokens", "max_output_tokens", "n x max_tokens of one request"),
+    ("--max-prompt-tokens", "max_prompt_tokens", "longest prompt accepted"),
+    ("--max-n", "max_n", "largest n"),
+    ("--max-queue", "max_queue", "requests running or waiting; more are answered 429"),
+    ("--max-active-batches", "max_active_batches", "batches that take turns on the model"),
+]
+
+
 def _limits(args: argparse.Namespace) -> Any:
     from phi3edge.limits import Limits
 
-    return Limits(
-        max_tokens=args.max_tokens_limit,
-        max_output_tokens=args.max_output_tokens,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_n=args.max_n,
-        max_queue=args.max_queue,
-        max_active_batches=args.max_active_batches,
-        time_budget_s=args.time_budget or None,
-    )
+    chosen = {name: getattr(args, name) for _, name, _ in _LIMIT_FLAGS}
+    return Limits(**chosen, time_budget_s=args.time_budget or None)
 
 
 def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
     """The operator's limits (``phi3edge.limits.Limits``); defaults in the help text."""
     from phi3edge.limits import Limits
 
-    d = Limits()
+    defaults = Limits()
     group = parser.add_argument_group("limits")
-    group.add_argument(
-        "--max-tokens-limit",
-        type=int,
-        default=d.max_tokens,
-        help="largest max_tokens a request may ask; also the default when it gives none "
-        "(default %(default)s)",
-    )
-    group.add_argument(
-        "--max-output-tokens",
-        type=int,
-        default=d.max_output_tokens,
-        help="n x max_tokens of one request (default %(default)s)",
-    )
-    group.add_argument(
-        "--max-prompt-tokens",
-        type=int,
-        default=None,
-        help="longest prompt accepted (default: the model's context)",
-    )
-    group.add_argument("--max-n", type=int, default=d.max_n, help="largest n (default %(default)s)")
-    group.add_argument(
-        "--max-queue",
-        type=int,
-        default=d.max_queue,
-        help="requests running or waiting; more are answered 429 (default %(default)s)",
-    )
-    group.add_argument(
-        "--max-active-batches",
-        type=int,
-        default=d.max_active_batches,
-        help="batches that take turns on the model (default %(default)s)",
-    )
+    for flag, name, text in _LIMIT_FLAGS:
+        default = getattr(defaults, name)
+        shown = "the model's context" if default is None else "%(default)s"
+        group.add_argument(flag, dest=name, type=int, default=default, help=f"{text} ({shown})")
     group.add_argument(
         "--time-budget",
         type=float,

@@ -55,6 +55,7 @@ OPENAI_PARAMETERS = (
     }
 )
 MAX_N = 16
+MAX_MESSAGES = 50_000  # each message takes 3+ tokens: more never fit in a 128k context
 MAX_STOP = 4
 # Characters per stop sequence: every generated token is checked against every stop string, and
 # nothing in a chat answer needs a longer one (OpenAI does not publish a limit; 256 is ours).
@@ -100,7 +101,8 @@ class ChatRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    messages: list[Message] = Field(min_length=1)
+    # fail_fast: a body of a million bad messages is refused at the first, not after listing all
+    messages: list[Message] = Field(min_length=1, fail_fast=True)
     model: str | None = None
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
@@ -239,6 +241,13 @@ def parse_request(
     """Validate a request body; raise ``ApiError`` naming the first bad parameter."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
+    messages = body.get("messages")
+    if isinstance(messages, list) and len(messages) > MAX_MESSAGES:  # before any per-item work
+        raise bad_request(
+            f"messages has {len(messages)} items; at most {MAX_MESSAGES} are accepted",
+            "messages",
+            code="invalid_parameter",
+        )
     reject_unpaired_surrogates(body)
     policy = (extra_parameters or "error").strip().lower()
     if policy not in EXTRA_PARAMETER_POLICIES:

@@ -8,10 +8,12 @@ accepted and ignored.
 Output: JSON bodies in the REST shape, or data-only server-sent events (``data: {chunk}``, then
 ``data: [DONE]``) for ``stream: true``.
 Errors: every failure answers ``{"error": {"code", "message", "param", "status"}}`` plus an
-``x-ms-error-code`` header: 400 malformed, 401 bad key, 404 unknown route/model, 405 wrong method,
-413 body too large, 422 unsupported, 429 queue full (with ``Retry-After``), 500 only for our own
-bugs and then without internals. Once a stream has started, an error goes out as one
-``data: {"error": ...}`` event and the stream ends.
+``x-ms-error-code`` header: 400 malformed, over a limit or a foreign ``Host`` (``invalid_host``),
+401 bad key, 404 unknown route/model, 405 wrong method, 413 body too large, 415 a body that is not
+``application/json``, 422 unsupported, 429 queue full (with ``Retry-After``), 503 the request's time
+budget ran out before it started or the engine stopped, 500 only for our own bugs and then without
+internals. A client that hangs up gets nothing (its request is cancelled). Once a stream has
+started, an error goes out as one ``data: {"error": ...}`` event and the stream ends.
 
 The layer stays thin: all validation is ``schema.parse_request``'s, all generation is
 ``ChatService``'s.

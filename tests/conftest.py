@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,3 +41,34 @@ def tiny_int4(model_factory: Callable[..., Path]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_fp32(model_factory: Callable[..., Path]) -> Path:
     return model_factory("phi-3-mini-4k", "fp32")
+
+
+@pytest.fixture(scope="module")
+def service(tiny_int4: Path) -> Iterator[Any]:
+    """A ``ChatService`` (engine thread and all) over the tiny INT4 model, per test module."""
+    from phi3edge.service import ChatService
+
+    service = ChatService(tiny_int4, threads=1)
+    yield service
+    service.close()
+
+
+@pytest.fixture
+def client_factory(service: Any) -> Iterator[Callable[..., Any]]:
+    """``client_factory(base_url=..., **settings)``: an in-process HTTP client (FastAPI's
+    TestClient) over ``create_app(service, ServerSettings(**settings))``. The default base URL
+    sends a local Host header, as a real local client does."""
+    from fastapi.testclient import TestClient
+
+    from phi3edge.server import ServerSettings, create_app
+
+    clients: list[TestClient] = []
+
+    def make(base_url: str = "http://127.0.0.1:8000", **settings: Any) -> TestClient:
+        app = create_app(service, ServerSettings(**settings))
+        clients.append(TestClient(app, base_url=base_url, raise_server_exceptions=False))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.close()

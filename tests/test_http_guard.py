@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,34 +30,9 @@ BODY = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 CHAT_ERRORS = {"400", "401", "404", "413", "415", "422", "429", "500"}
 
 
-@pytest.fixture(scope="module")
-def service(tiny_int4: Path) -> Iterator[ChatService]:
-    service = ChatService(tiny_int4, threads=1)
-    yield service
-    close = getattr(service, "close", None)
-    if close is not None:
-        close()
-
-
 @pytest.fixture
-def client_for(service: ChatService) -> Iterator[Callable[..., TestClient]]:
-    """``client_for(base_url=LOCAL, **settings)``: an in-process client with those settings."""
-    clients: list[TestClient] = []
-
-    def make(base_url: str = LOCAL, **settings: Any) -> TestClient:
-        app = create_app(service, ServerSettings(**settings))
-        client = TestClient(app, base_url=base_url, raise_server_exceptions=False)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
-
-
-@pytest.fixture
-def client(client_for: Callable[..., TestClient]) -> TestClient:
-    return client_for()
+def client(client_factory: Callable[..., TestClient]) -> TestClient:
+    return client_factory(LOCAL)
 
 
 def _assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
@@ -116,9 +90,9 @@ def test_the_media_type_check_keeps_404_405_and_get_routes(client: TestClient) -
 
 
 def test_the_api_key_is_checked_before_the_media_type(
-    client_for: Callable[..., TestClient],
+    client_factory: Callable[..., TestClient],
 ) -> None:
-    keyed = client_for(api_key="k")
+    keyed = client_factory(api_key="k")
     plain = {"Content-Type": "text/plain"}
     _assert_error(keyed.post(OA, content="{}", headers=plain), 401, "unauthorized")
     response = keyed.post(OA, content="{}", headers={**plain, "api-key": "k"})
@@ -202,31 +176,31 @@ def test_the_default_test_client_host_is_refused(service: ChatService) -> None:
         _assert_error(plain.get("/health"), 400, "invalid_host")
 
 
-def test_the_bound_host_is_served(client_for: Callable[..., TestClient]) -> None:
-    lan = client_for(host="192.168.1.5")
+def test_the_bound_host_is_served(client_factory: Callable[..., TestClient]) -> None:
+    lan = client_factory(host="192.168.1.5")
     assert lan.get("/health", headers={"Host": "192.168.1.5:8000"}).status_code == 200
     assert lan.get("/health", headers={"Host": "localhost"}).status_code == 200
     _assert_error(lan.get("/health", headers={"Host": "192.168.1.6"}), 400, "invalid_host")
-    named = client_for(host="box.lan")
+    named = client_factory(host="box.lan")
     assert named.get("/health", headers={"Host": "BOX.lan:8000"}).status_code == 200
 
 
 def test_a_wildcard_bind_serves_ip_literals_but_not_names(
-    client_for: Callable[..., TestClient],
+    client_factory: Callable[..., TestClient],
 ) -> None:
-    wildcard = client_for(host="0.0.0.0")
+    wildcard = client_factory(host="0.0.0.0")
     for host in ("10.1.2.3:8000", "[fe80::1]:8000", "localhost"):
         assert wildcard.get("/health", headers={"Host": host}).status_code == 200
     _assert_error(wildcard.get("/health", headers={"Host": "evil.example"}), 400, "invalid_host")
 
 
-def test_allowed_hosts(client_for: Callable[..., TestClient]) -> None:
-    listed = client_for(allowed_hosts=("api.example.com", "*.corp.example", "10.0.0.7:9"))
+def test_allowed_hosts(client_factory: Callable[..., TestClient]) -> None:
+    listed = client_factory(allowed_hosts=("api.example.com", "*.corp.example", "10.0.0.7:9"))
     for host in ("api.example.com", "API.example.com:443", "a.corp.example", "10.0.0.7"):
         assert listed.get("/health", headers={"Host": host}).status_code == 200, host
     for host in ("corp.example", "example.com", "10.0.0.8"):
         _assert_error(listed.get("/health", headers={"Host": host}), 400, "invalid_host")
-    anything = client_for(allowed_hosts=("*",))
+    anything = client_factory(allowed_hosts=("*",))
     assert anything.get("/health", headers={"Host": "whatever.example"}).status_code == 200
 
 
@@ -244,8 +218,10 @@ def test_settings_refuse_a_string_for_allowed_hosts() -> None:
         ServerSettings(allowed_hosts="localhost")  # type: ignore[arg-type]
 
 
-def test_the_host_check_runs_before_auth_and_cors(client_for: Callable[..., TestClient]) -> None:
-    app = client_for(api_key="k", cors_origins=("http://app.local",))
+def test_the_host_check_runs_before_auth_and_cors(
+    client_factory: Callable[..., TestClient],
+) -> None:
+    app = client_factory(api_key="k", cors_origins=("http://app.local",))
     foreign = {"Host": "evil.example"}
     _assert_error(app.post(OA, json=BODY, headers=foreign), 400, "invalid_host")
     preflight = {"Origin": "http://app.local", "Access-Control-Request-Method": "POST"}
@@ -452,10 +428,10 @@ def test_responses_match_the_documented_schemas(
 
 
 def test_security_schemes_only_when_a_key_is_required(
-    document: dict[str, Any], client_for: Callable[..., TestClient]
+    document: dict[str, Any], client_factory: Callable[..., TestClient]
 ) -> None:
     assert "securitySchemes" not in document["components"]
-    keyed = client_for(api_key="k").get("/openapi.json", headers={"api-key": "k"}).json()
+    keyed = client_factory(api_key="k").get("/openapi.json", headers={"api-key": "k"}).json()
     assert set(keyed["components"]["securitySchemes"]) == {"api-key", "bearer"}
     assert keyed["paths"][OA]["post"]["security"] == [{"api-key": []}, {"bearer": []}]
     assert "security" not in keyed["paths"]["/health"]["get"]

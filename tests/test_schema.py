@@ -360,3 +360,12 @@ def test_whole_number_floats_are_integers_and_openai_extras_are_type_checked() -
     ):
         error = _error(body, route="openai")
         assert (error.status, error.param) == (400, param)
+
+
+def test_a_million_messages_are_refused_before_any_per_item_work() -> None:
+    from phi3edge.schema import MAX_MESSAGES
+
+    error = _error({"messages": [{}] * 1_300_000})
+    assert (error.status, error.param) == (400, "messages") and str(MAX_MESSAGES) in error.message
+    bad = _error({"messages": [{}] * MAX_MESSAGES})  # under the cap: stops at the first bad one
+    assert bad.param == "messages[0].role"

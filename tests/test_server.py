@@ -43,11 +43,6 @@ class Live:
 
 
 @pytest.fixture(scope="module")
-def service(tiny_int4: Path) -> ChatService:
-    return ChatService(tiny_int4, threads=1)
-
-
-@pytest.fixture(scope="module")
 def live(service: ChatService) -> Iterator[Live]:
     app = create_app(service, ServerSettings(api_key=KEY))
     with running(app) as url:
@@ -58,25 +53,6 @@ def live(service: ChatService) -> Iterator[Live]:
 def http(live: Live) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=live.url, headers=AUTH, timeout=30) as client:
         yield client
-
-
-@pytest.fixture
-def client_factory(service: ChatService) -> Iterator[Callable[..., TestClient]]:
-    """``client_factory(**settings)``: an in-process client over the shared tiny model."""
-    clients: list[TestClient] = []
-
-    def make(**settings: Any) -> TestClient:
-        client = TestClient(
-            create_app(service, ServerSettings(**settings)),
-            base_url="http://127.0.0.1:8000",  # a local Host header, as a real client sends
-            raise_server_exceptions=False,
-        )
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
 
 
 @pytest.fixture
