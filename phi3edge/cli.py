@@ -165,7 +165,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cors_origins=tuple(args.cors_origin),
         allowed_hosts=tuple(args.allowed_host),
     )
-    serve(args.model, settings, threads=args.threads, limits=_limits(args))
+    process = args.engine == "process"
+    serve(args.model, settings, threads=args.threads, limits=_limits(args), engine_process=process)
     return 0
 
 
@@ -270,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument("--api-key", default=None, help="require this key (or PHI3EDGE_API_KEY)")
     serve.add_argument("--threads", type=int, default=None)
+    serve.add_argument(
+        "--engine",
+        choices=["process", "thread"],
+        default="process",
+        help="run the model in a child process (default: the server never waits for the GIL "
+        "that onnxruntime-genai holds while it computes) or in a thread of the server",
+    )
     serve.add_argument(
         "--max-body-bytes",
         type=int,

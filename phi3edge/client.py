@@ -71,18 +71,26 @@ class ChatCompletionsClient:
         threads: int | None = None,
         kv_cache_entries: int = 1,
         limits: Limits | None = None,
+        engine_process: bool = False,
         model_extras: dict[str, Any] | None = None,
         **defaults: Any,
     ) -> None:
         """``threads``: ONNX Runtime intra-op threads (default: physical cores).
         ``kv_cache_entries``: conversations whose KV cache is kept for the next turn (0 = off).
         ``limits``: what one request may ask for and how many may wait (``phi3edge.Limits``).
+        ``engine_process``: run the model in a child process, so that this process's other
+        threads (a UI, a server) keep running while it computes: onnxruntime-genai holds the
+        GIL for the whole of each model call.
 
         The model runs on its own engine thread; the client may be used from any number of
         threads, and concurrent requests are batched together."""
         _check_names(defaults)
         self._service = ChatService(
-            model_dir, threads=threads, kv_cache_entries=kv_cache_entries, limits=limits
+            model_dir,
+            threads=threads,
+            kv_cache_entries=kv_cache_entries,
+            limits=limits,
+            engine_process=engine_process,
         )
         self._defaults = defaults
         self._model_extras = dict(model_extras or {})

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import itertools
 import logging
 import queue
 import threading
@@ -95,6 +97,9 @@ def cancelled_error() -> ApiError:
 # ----------------------------------------------------------------------------- jobs
 
 
+_job_ids = itertools.count()
+
+
 class _Job:
     """Requests submitted together, the caller's channel and the flags both threads read."""
 
@@ -105,9 +110,11 @@ class _Job:
         deliver: Callable[[Event], None],
         time_budget_s: float | None,
     ) -> None:
+        self.id = next(_job_ids)
         self.requests = requests
         self.batch = batch  # errors name the request index (complete_batch)
         self.deliver = deliver
+        self.time_budget_s = time_budget_s
         self.arrived = time.monotonic()
         self.deadline = None if time_budget_s is None else self.arrived + time_budget_s
         self.cancelled = threading.Event()
@@ -147,7 +154,7 @@ class Ticket:
         self._loop = loop
         self._sync: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._async: asyncio.Queue[Event] | None = asyncio.Queue() if loop else None
-        self._job: _Job | None = None
+        self._cancel: Callable[[], None] | None = None
 
     def _deliver(self, event: Event) -> None:
         if self._async is None:
@@ -161,8 +168,8 @@ class Ticket:
 
     def cancel(self) -> None:
         """Stop the job at the engine's next unit of work (safe from any thread, any time)."""
-        if self._job is not None:
-            self._job.cancelled.set()
+        if self._cancel is not None:
+            self._cancel()
 
     def events(self) -> Iterator[Event]:
         while True:
@@ -216,31 +223,63 @@ class EngineStats:
     batches: int = 0  # batches started
     batched_requests: int = 0  # requests that ran in a batch with others
     largest_batch_rows: int = 0
+    work_units: int = 0  # prefill chunks and decode steps run
+    prefix_hits: int = 0  # requests that reused a kept KV cache (multi-turn)
+    prefix_reused_tokens: int = 0
 
 
 class _Shared:
-    """What the caller side and the engine thread both touch: the inbox and the job count."""
+    """The caller side's state: how many jobs are in (the queue limit), and the engine's stats.
+
+    Neither the engine thread nor the engine process reference it, so the handle that owns it
+    can be garbage collected."""
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self.inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.idle = threading.Condition()
         self.jobs = 0  # submitted and not yet ended
         self.closing = False
         self.stats = EngineStats()
 
-    def stop(self) -> None:
+    def admit(self) -> None:
         with self.idle:
-            self.closing = True
-        self.inbox.put(None)
+            if self.closing:
+                raise ApiError(503, "engine_stopped", "the model's engine has stopped")
+            if self.jobs >= self.limits.max_queue:
+                raise ApiError(
+                    429,
+                    "too_many_requests",
+                    f"{self.jobs} requests are already running or waiting for the model "
+                    f"(the limit is {self.limits.max_queue}); retry shortly",
+                )
+            self.jobs += 1
+
+    def releasing(self, deliver: Callable[[Event], None]) -> Callable[[Event], None]:
+        """``deliver`` that also frees the job's queue slot with its last event."""
+
+        def deliver_and_release(event: Event) -> None:
+            deliver(event)
+            if isinstance(event, (Finished, Failed)):
+                with self.idle:
+                    self.jobs -= 1
+                    self.idle.notify_all()
+
+        return deliver_and_release
 
 
 class EngineCore:
-    """The caller's handle on an engine thread that loads a model and answers jobs.
+    """The caller's handle on the engine that loads a model and answers jobs.
 
-    The thread does not reference this handle: when the handle is closed or garbage collected,
-    the thread stops and frees the model. ``model`` here is the loaded model's metadata only
-    (manifest, token table, sizes); its onnxruntime-genai objects stay on the engine thread.
+    ``process=False``: the engine is a thread of this process. ``process=True``: it is a thread
+    of a child process (``phi3edge.engine_process``). onnxruntime-genai 0.18 keeps the GIL while
+    it computes (seconds for a prefill chunk of full Phi-3-mini), which stalls every other Python
+    thread of the process that runs it: an HTTP server's event loop, an app's UI thread. In its
+    own process the engine stalls nothing but itself.
+
+    Neither the engine thread nor the child references this handle: when the handle is closed or
+    garbage collected, the engine stops and frees the model. ``model`` here is the loaded model's
+    metadata only (manifest, token table, sizes); its onnxruntime-genai objects stay with the
+    engine.
     """
 
     def __init__(
@@ -249,28 +288,24 @@ class EngineCore:
         threads: int | None = None,
         kv_cache_entries: int = 1,
         limits: Limits | None = None,
+        process: bool = False,
     ) -> None:
         self.limits = limits or Limits()
         self._shared = _Shared(self.limits)
-        # Owned by the engine thread; callers may read its counters (hits, reused_tokens).
-        self.prefix_cache = engine.PrefixCache(kv_cache_entries)
-        loaded: queue.SimpleQueue[runtime.LoadedModel | BaseException] = queue.SimpleQueue()
-        self._thread = threading.Thread(
-            target=_engine_thread,
-            args=(self._shared, model_dir, threads, self.prefix_cache, loaded),
-            name="phi3edge-engine",
-            daemon=True,
-        )
-        self._thread.start()
-        result = loaded.get()
-        if isinstance(result, BaseException):
-            raise result
-        self.model = dataclasses.replace(result, model=None, tokenizer=None)
-        self._finalizer = weakref.finalize(self, _shut_down, self._shared, self._thread)
+        link: _ThreadLink | Any
+        if process:
+            from phi3edge.engine_process import ProcessLink
+
+            link = ProcessLink(self._shared, model_dir, threads, kv_cache_entries)
+        else:
+            link = _ThreadLink(self._shared, model_dir, threads, kv_cache_entries)
+        self._link = link
+        self.model: runtime.LoadedModel = link.model
+        self._finalizer = weakref.finalize(self, link.shut_down)
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return bool(self._link.alive)
 
     @property
     def stats(self) -> EngineStats:
@@ -293,22 +328,14 @@ class EngineCore:
         blocking reader. Raises 429 when ``max_queue`` jobs are already in, 503 when the engine
         has stopped.
         """
-        shared = self._shared
+        if not self.alive:
+            raise ApiError(503, "engine_stopped", "the model's engine has stopped")
         ticket = Ticket(loop)
-        job = _Job(requests, batch, ticket._deliver, self.limits.time_budget_s)
-        ticket._job = job
-        with shared.idle:
-            if shared.closing or not self.alive:
-                raise ApiError(503, "engine_stopped", "the model's engine has stopped")
-            if shared.jobs >= self.limits.max_queue:
-                raise ApiError(
-                    429,
-                    "too_many_requests",
-                    f"{shared.jobs} requests are already running or waiting for the model "
-                    f"(the limit is {self.limits.max_queue}); retry shortly",
-                )
-            shared.jobs += 1
-        shared.inbox.put(job)
+        deliver = self._shared.releasing(ticket._deliver)
+        job = _Job(requests, batch, deliver, self.limits.time_budget_s)
+        ticket._cancel = functools.partial(self._link.cancel, job)
+        self._shared.admit()
+        self._link.send(job)
         return ticket
 
     def wait_idle(self, timeout: float) -> bool:
@@ -317,43 +344,95 @@ class EngineCore:
             return self._shared.idle.wait_for(lambda: self._shared.jobs == 0, timeout)
 
     def close(self) -> None:
-        """Cancel every job, stop the thread and free the model (also at exit or when this
+        """Cancel every job, stop the engine and free the model (also at exit or when this
         handle is garbage collected)."""
+        with self._shared.idle:
+            self._shared.closing = True
         self._finalizer()
 
 
-def _shut_down(shared: _Shared, thread: threading.Thread) -> None:
-    shared.stop()
-    if thread is not threading.current_thread():
-        thread.join(30)
+def metadata(model: runtime.LoadedModel) -> runtime.LoadedModel:
+    """``model`` without its onnxruntime-genai objects: what callers of the engine may read."""
+    return dataclasses.replace(model, model=None, tokenizer=None)
 
 
-def _engine_thread(
-    shared: _Shared,
+class _ThreadLink:
+    """An engine thread in this process."""
+
+    def __init__(
+        self, shared: _Shared, model_dir: str | Path, threads: int | None, kv_cache_entries: int
+    ) -> None:
+        self._inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        loaded: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=run_engine,
+            args=(model_dir, threads, kv_cache_entries, shared.limits, self._inbox),
+            kwargs={"stats": shared.stats, "on_loaded": loaded.put},
+            name="phi3edge-engine",
+            daemon=True,
+        )
+        self._thread.start()
+        result = loaded.get()
+        if isinstance(result, BaseException):
+            raise result
+        self.model = metadata(result)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def send(self, job: _Job) -> None:
+        self._inbox.put(job)
+
+    def cancel(self, job: _Job) -> None:
+        job.cancelled.set()
+
+    def shut_down(self) -> None:
+        self._inbox.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join(30)
+
+
+def run_engine(
     model_dir: str | Path,
     threads: int | None,
-    prefix_cache: engine.PrefixCache,
-    loaded: queue.SimpleQueue[Any],
+    kv_cache_entries: int,
+    limits: Limits,
+    inbox: Any,
+    stats: EngineStats,
+    on_loaded: Callable[[Any], None],
+    on_stats: Callable[[EngineStats], None] | None = None,
 ) -> None:
+    """The engine: load the model (``on_loaded`` gets it or the error), then answer the jobs
+    that ``inbox.get(block, timeout)`` hands over until it hands over None."""
     try:
         model = runtime.load(model_dir, threads)
-    except BaseException as exc:  # handed to the constructor's caller
-        loaded.put(exc)
+    except BaseException as exc:
+        on_loaded(exc)
         return
-    loaded.put(model)
-    _EngineLoop(shared, model, prefix_cache).run()
+    on_loaded(model)
+    cache = engine.PrefixCache(kv_cache_entries)
+    _EngineLoop(inbox, limits, model, cache, stats, on_stats).run()
 
 
 class _EngineLoop:
     """The engine thread's state and loop: waiting requests, active batches, the prefix cache."""
 
     def __init__(
-        self, shared: _Shared, model: runtime.LoadedModel, prefix_cache: engine.PrefixCache
+        self,
+        inbox: Any,
+        limits: Limits,
+        model: runtime.LoadedModel,
+        prefix_cache: engine.PrefixCache,
+        stats: EngineStats,
+        on_stats: Callable[[EngineStats], None] | None,
     ) -> None:
-        self.shared = shared
-        self.limits = shared.limits
+        self.inbox = inbox
+        self.limits = limits
         self.model = model
         self.prefix_cache = prefix_cache
+        self.stats = stats
+        self.on_stats = on_stats
 
     def run(self) -> None:
         waiting: deque[_Unit] = deque()
@@ -389,13 +468,14 @@ class _EngineLoop:
                 for unit in batch.units:
                     self._end(unit.job, Failed(ApiError(500, "internal_error", "internal error")))
             batch.used_s += time.perf_counter() - started
+            self.stats.work_units += 1
             if not more:
                 batches.remove(batch)
                 self._close_batch(batch)
         self.prefix_cache.clear()
         while True:  # jobs that arrived while closing
             try:
-                job = self.shared.inbox.get(block=False)
+                job = self.inbox.get(block=False)
             except queue.Empty:
                 return
             if job is not None:
@@ -406,7 +486,7 @@ class _EngineLoop:
         comes) for the first; False after ``close``."""
         while True:
             try:
-                job = self.shared.inbox.get(block=wait != 0, timeout=wait)
+                job = self.inbox.get(block=wait != 0, timeout=wait)
             except queue.Empty:
                 return True
             if job is None:
@@ -471,10 +551,11 @@ class _EngineLoop:
             if engine.fits_in_batch(self.model, [u.item() for u in [*chosen, unit]]):
                 chosen.append(unit)
                 waiting.remove(unit)
-        stats = self.shared.stats
+        stats = self.stats
         stats.batches += 1
         stats.batched_requests += len(chosen) if len(chosen) > 1 else 0
         stats.largest_batch_rows = max(stats.largest_batch_rows, sum(u.cfg.n for u in chosen))
+        self._publish()
         for unit in chosen:
             unit.job.started = True
             if not unit.job.ended:
@@ -495,8 +576,15 @@ class _EngineLoop:
         close = getattr(batch.work, "close", None)
         if close is not None:
             close()  # frees the generator now, not when the garbage collector gets to it
+        self.stats.prefix_hits = self.prefix_cache.hits
+        self.stats.prefix_reused_tokens = self.prefix_cache.reused_tokens
+        self._publish()
         for unit in batch.units:
             self._end_unit(unit, cancelled_error())
+
+    def _publish(self) -> None:
+        if self.on_stats is not None:
+            self.on_stats(dataclasses.replace(self.stats))
 
     def _end_unit(self, unit: _Unit, cancelled: ApiError) -> None:
         job = unit.job
@@ -505,11 +593,8 @@ class _EngineLoop:
             self._end(job, Failed(cancelled) if job.cancelled.is_set() else Finished())
 
     def _end(self, job: _Job, event: Finished | Failed) -> None:
-        """Deliver the job's last event and free its queue slot (once)."""
+        """Deliver the job's last event (once)."""
         if job.ended:
             return
         job.ended = True
         job.deliver(event)
-        with self.shared.idle:
-            self.shared.jobs -= 1
-            self.shared.idle.notify_all()

@@ -20,6 +20,10 @@ class ApiError(Exception):
         self.message = message
         self.param = param
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle with every field (errors cross to and from the engine process)."""
+        return (type(self), (self.status, self.code, self.message, self.param))
+
     def as_dict(self) -> dict[str, Any]:
         """The error body: ``{"error": {"code", "message", "param", "status"}}``."""
         return {

@@ -516,12 +516,16 @@ def serve(
     settings: ServerSettings | None = None,
     threads: int | None = None,
     limits: Limits | None = None,
+    engine_process: bool = True,
 ) -> None:
-    """Load the model, then serve it with uvicorn until interrupted."""
+    """Load the model, then serve it with uvicorn until interrupted.
+
+    ``engine_process``: the model runs in a child process, so that the event loop never waits
+    for the GIL that onnxruntime-genai holds while it computes."""
     import uvicorn
 
     settings = settings or ServerSettings()
-    service = ChatService(model_dir, threads=threads, limits=limits)
+    service = ChatService(model_dir, threads=threads, limits=limits, engine_process=engine_process)
     app = create_app(service, settings)
     sock = bind_socket(settings.host, settings.port)
     announcement = (

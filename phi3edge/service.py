@@ -50,8 +50,10 @@ class ChatService:
         threads: int | None = None,
         kv_cache_entries: int = 1,
         limits: Limits | None = None,
+        engine_process: bool = False,
     ) -> None:
-        self.core = EngineCore(model_dir, threads, kv_cache_entries, limits)
+        """``engine_process``: run the model in a child process (see ``core.EngineCore``)."""
+        self.core = EngineCore(model_dir, threads, kv_cache_entries, limits, engine_process)
         self.model = self.core.model  # read-only metadata here; only the engine thread runs it
         member = catalog_member(self.model.manifest.catalog_id)
         self.model_name = member.hf_id.split("/")[1]

@@ -9,6 +9,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -92,8 +93,13 @@ class Server:
         command += flags
         self.log_path = log_path
         self._log = log_path.open("w", encoding="utf-8")
-        self.proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=self._log, text=True, start_new_session=True
+        self.proc = subprocess.Popen(  # cwd away from a source tree: the installed package runs
+            command,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            start_new_session=True,
+            cwd=tempfile.gettempdir(),
         )
         self._first_line: list[str] = []
         self._started = threading.Event()

@@ -237,9 +237,9 @@ def test_multi_turn_reuses_the_kv_cache_with_identical_results(tiny_int4: Path) 
         assert a.choices[0].message.content == b.choices[0].message.content
         assert a.choices[0].logprobs.as_dict() == b.choices[0].logprobs.as_dict()
         history.append({"role": "assistant", "content": a.choices[0].message.content})
-    cache = cached._service.core.prefix_cache
-    assert cache.hits == 3 and cache.reused_tokens > 3 * 20
-    assert cold._service.core.prefix_cache.hits == 0
+    stats = cached._service.core.stats
+    assert stats.prefix_hits == 3 and stats.prefix_reused_tokens > 3 * 20
+    assert cold._service.core.stats.prefix_hits == 0
 
 
 def test_thread_setting_reaches_the_onnxruntime_session(tiny_int4: Path) -> None:

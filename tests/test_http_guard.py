@@ -117,7 +117,8 @@ def test_is_json_content_type(value: str, ok: bool) -> None:
 
 def test_the_openai_sdk_sends_json(service: ChatService) -> None:
     """The real client, through the app in-process (TestClient is an httpx.Client)."""
-    openai = pytest.importorskip("openai")
+    import openai
+
     app = create_app(service, ServerSettings())
     with TestClient(app, base_url=LOCAL) as http:
         sdk = openai.OpenAI(base_url=f"{LOCAL}/v1", api_key="unused", http_client=http)
@@ -129,7 +130,6 @@ def test_the_openai_sdk_sends_json(service: ChatService) -> None:
 
 def test_the_azure_sdk_sends_json() -> None:
     """What azure-ai-inference puts on the wire (captured before it is sent)."""
-    pytest.importorskip("azure.ai.inference")
     from azure.ai.inference import ChatCompletionsClient
     from azure.core.credentials import AzureKeyCredential
 
@@ -288,7 +288,8 @@ def document(service: ChatService) -> dict[str, Any]:
 
 
 def _validator(document: dict[str, Any], name: str) -> Any:
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
+
     schema = {"$ref": f"#/components/schemas/{name}", "components": document["components"]}
     return jsonschema.Draft202012Validator(schema)
 
