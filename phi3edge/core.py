@@ -197,9 +197,16 @@ class _Batch:
     units: list[_Unit]
     work: Iterator[Any]
     used_s: float = 0.0
+    open_choices: int = 0
+
+    def __post_init__(self) -> None:
+        self.open_choices = sum(u.cfg.n for u in self.units)
 
     def advance(self) -> bool:
-        """Run one unit of work and deliver what it produced; False when the batch is done."""
+        """Run one unit of work and deliver what it produced; False when the batch is done.
+
+        When the last choice has ended, the work is run to its end at once (the generator goes
+        back to the prefix cache), not on a later turn: the answer is complete now."""
         try:
             produced = next(self.work)
         except StopIteration:
@@ -209,10 +216,15 @@ class _Batch:
         by_unit: dict[int, list[ChoiceStep]] = {}
         for number, step in produced:
             by_unit.setdefault(number, []).append(step)
+            self.open_choices -= step.finish_reason is not None
         for number, steps in by_unit.items():
             unit = self.units[number]
             if not unit.job.ended:
                 unit.job.deliver(Steps(unit.index, steps))
+        if self.open_choices == 0:
+            for _ in self.work:  # nothing is left to compute; this runs the cleanup
+                pass
+            return False
         return True
 
 
@@ -570,6 +582,14 @@ class _EngineLoop:
         # A new batch starts level with the least-served one, so it goes next but cannot
         # claim the time the others have already used.
         used = min((b.used_s for b in batches), default=0.0)
+        log.debug(
+            "batch of %d request(s), %d rows, prompts %s; %d waiting, %d other batches",
+            len(chosen),
+            sum(u.cfg.n for u in chosen),
+            [len(u.prompt.ids) for u in chosen],
+            len(waiting),
+            len(batches),
+        )
         return _Batch(chosen, work, used)
 
     def _close_batch(self, batch: _Batch) -> None:
@@ -597,4 +617,5 @@ class _EngineLoop:
         if job.ended:
             return
         job.ended = True
+        log.debug("job %d ends: %s", job.id, type(event).__name__)
         job.deliver(event)

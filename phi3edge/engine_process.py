@@ -124,6 +124,7 @@ class ProcessLink:
         with self._lock:
             deliver = self._deliveries.pop(job_id, None)
         if deliver is not None:
+            log.debug("job %d ended in the engine process", job_id)
             deliver(event)
 
     def _read_events(self) -> None:
@@ -217,7 +218,7 @@ def main() -> None:
     if start is None:
         return
     (model_dir, threads, kv_cache_entries, limits), level = start
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     assert isinstance(limits, Limits)
 
     def on_loaded(result: Any) -> None:

@@ -240,6 +240,13 @@ def test_multi_turn_reuses_the_kv_cache_with_identical_results(tiny_int4: Path) 
     stats = cached._service.core.stats
     assert stats.prefix_hits == 3 and stats.prefix_reused_tokens > 3 * 20
     assert cold._service.core.stats.prefix_hits == 0
+    # an unrelated prompt reuses the kept generator from its start: still the cold answer
+    other = {
+        "messages": [{"role": "assistant", "content": "Unrelated."}],
+        "max_tokens": 8,
+        "seed": 1,
+    }
+    assert cached.complete(**other).choices == cold.complete(**other).choices
 
 
 def test_thread_setting_reaches_the_onnxruntime_session(tiny_int4: Path) -> None:
