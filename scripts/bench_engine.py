@@ -94,9 +94,11 @@ def post(url: str, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     return time.perf_counter() - started, response.json()
 
 
-def concurrency(folder: Path, threads: int, results: dict[str, float]) -> None:
-    """Through ``phi3edge serve`` in its own process: batching of concurrent requests and
-    turn-taking (the clients here do not share the server's interpreter)."""
+def concurrency(folder: Path, threads: int, engine: str, results: dict[str, float]) -> None:
+    """Through ``phi3edge serve --engine ENGINE`` in its own process: batching of concurrent
+    requests and turn-taking (the clients here do not share the server's interpreter). The
+    figures are stored with the suffix ``_engine_ENGINE``."""
+    figures: dict[str, float] = {}
     no_end = {str(k): v for k, v in NO_END.items()}
     requests = [
         {
@@ -109,7 +111,8 @@ def concurrency(folder: Path, threads: int, results: dict[str, float]) -> None:
         for i in range(8)
     ]
     short = {"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 1}
-    server = Server(folder, Path(tempfile.mkdtemp()) / "server.log", ["--threads", str(threads)])
+    flags = ["--threads", str(threads), "--engine", engine]
+    server = Server(folder, Path(tempfile.mkdtemp()) / "server.log", flags)
     url = server.url
     try:
         post(url, requests[0])  # warm-up
@@ -121,15 +124,15 @@ def concurrency(folder: Path, threads: int, results: dict[str, float]) -> None:
         with ThreadPoolExecutor(len(requests)) as pool:
             list(pool.map(lambda body: post(url, body), requests))
         concurrent = time.perf_counter() - started
-        results["concurrent8_over_sequential_throughput"] = sequential / concurrent
+        figures["concurrent8_over_sequential_throughput"] = sequential / concurrent
         print(
-            f"8 requests through the server: at once {concurrent:.1f} s vs one at a time "
-            f"{sequential:.1f} s (throughput ratio {sequential / concurrent:.2f})",
+            f"engine {engine}: 8 requests through the server: at once {concurrent:.1f} s vs "
+            f"one at a time {sequential:.1f} s (throughput ratio {sequential / concurrent:.2f})",
             flush=True,
         )
 
         alone = float(np.median([post(url, short)[0] for _ in range(3)]))
-        results["short_alone_s"] = alone
+        figures["short_alone_s"] = alone
         long_decode = {**requests[0], "max_tokens": 256}
         long_prompt = {
             "messages": [{"role": "user", "content": " ".join(f"topic{i}" for i in range(200))}],
@@ -141,10 +144,10 @@ def concurrency(folder: Path, threads: int, results: dict[str, float]) -> None:
                 time.sleep(2.0)  # the long request is under way
                 behind, _ = post(url, short)
                 long_s, long_answer = running_long.result()
-            results[f"short_behind_long_{name}_s"] = behind
-            results[f"long_{name}_s"] = long_s
+            figures[f"short_behind_long_{name}_s"] = behind
+            figures[f"long_{name}_s"] = long_s
             # served one at a time, the short request would wait for the rest of the long one
-            results[f"short_behind_long_{name}_one_at_a_time_s"] = long_s - 2.0 + alone
+            figures[f"short_behind_long_{name}_one_at_a_time_s"] = long_s - 2.0 + alone
             print(
                 f"short request (1 token): alone {alone:.2f} s, behind a long {name} "
                 f"({long_answer['usage']['prompt_tokens']} prompt + "
@@ -154,6 +157,7 @@ def concurrency(folder: Path, threads: int, results: dict[str, float]) -> None:
             )
     finally:
         server.stop()
+    results.update({f"{key}_engine_{engine}": value for key, value in figures.items()})
 
 
 def main() -> None:
@@ -161,12 +165,19 @@ def main() -> None:
     parser.add_argument(
         "--sections", default="all", choices=["all", "engine", "concurrency"], help="what to run"
     )
+    parser.add_argument(
+        "--engine",
+        default="both",
+        choices=["both", "process", "thread"],
+        help="where the served model runs in the concurrency section (both: one after the other)",
+    )
     args = parser.parse_args()
     folder = full_model()
     out = args.out / "bench_engine.json"
     results: dict[str, float] = json.loads(out.read_text()) if out.exists() else {}
     if args.sections in ("all", "concurrency"):
-        concurrency(folder, args.threads, results)
+        for engine_mode in ("process", "thread") if args.engine == "both" else (args.engine,):
+            concurrency(folder, args.threads, engine_mode, results)
     if args.sections in ("all", "engine"):
         engine_sections(folder, args, results)
     print(f"machine: {machine()}")

@@ -128,11 +128,19 @@ class Server:
         return match[1]
 
     def rss_kb(self) -> int:
-        """The server process's resident memory (VmRSS), in KiB."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise RuntimeError("no VmRSS in /proc status")
+        """Resident memory (VmRSS) of the server and its children (the engine process), KiB."""
+        total, pending = 0, [self.proc.pid]
+        while pending:
+            pid = pending.pop()
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    pending += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:  # gone meanwhile
+                continue
+            rss = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
+            total += int(rss.split()[1])
+        return total
 
     def errors(self) -> list[str]:
         """ERROR lines and tracebacks in the server log."""
