@@ -283,29 +283,6 @@ def test_limits_refuse_what_is_over_them(make_client: Any) -> None:
         Limits(max_n=0)
 
 
-def test_a_full_queue_answers_429_and_recovers_at_once(make_client: Any, calls: Calls) -> None:
-    client = make_client(limits=Limits(max_queue=2))
-    calls.delay_s = 0.005
-    streams = [
-        client.complete(
-            messages=[{"role": "user", "content": "x"}],
-            max_tokens=1500,
-            logit_bias=NO_EOS,
-            stream=True,
-        )
-        for _ in range(2)
-    ]
-    for stream in streams:
-        next(stream)
-    with pytest.raises(ApiError) as info:
-        client.complete(messages=[{"role": "user", "content": "y"}], max_tokens=1)
-    assert info.value.status == 429
-    for stream in streams:
-        stream.close()
-    assert client._service.wait_idle(5)
-    assert client.complete(messages=[{"role": "user", "content": "y"}], max_tokens=1).choices
-
-
 def test_a_request_error_does_not_stop_the_engine(make_client: Any) -> None:
     client = make_client()
     with pytest.raises(ApiError) as info:
@@ -423,8 +400,11 @@ def test_the_engine_process_answers_like_the_engine_thread(make_client: Any) -> 
     assert process._service.wait_idle(5) and process._service.core.jobs == 0
 
 
-def test_the_engine_process_cancels_and_bounds_its_queue(make_client: Any) -> None:
-    client = make_client(engine_process=True, limits=Limits(max_queue=2))
+@pytest.mark.parametrize("engine_process", [False, True], ids=["thread", "process"])
+def test_a_full_queue_answers_429_cancels_and_recovers_at_once(
+    make_client: Any, engine_process: bool
+) -> None:
+    client = make_client(engine_process=engine_process, limits=Limits(max_queue=2))
     core = client._service.core
     long = {
         "messages": [{"role": "user", "content": "x"}],
