@@ -242,27 +242,54 @@ def identify(config: dict[str, Any]) -> FamilyMember:
     Matching is by structure (class, width, depth-independent head layout, context), so scaled-down
     random checkpoints made by ``phi3edge.fixtures`` name their member explicitly instead.
     """
+    member, differences = identify_or_nearest(config)
+    if differences:
+        raise UnknownModelError(
+            f"the checkpoint's shape matches no published {member.architecture} "
+            f"(nearest: {member.id}; {', '.join(differences)})"
+        )
+    return member
+
+
+def identify_or_nearest(config: dict[str, Any]) -> tuple[FamilyMember, list[str]]:
+    """The member a checkpoint is, or, for a checkpoint of a family class whose shape matches no
+    member (pruned, custom-sized, scaled down), the nearest member of that class and how the
+    checkpoint differs from it (``["hidden_size 64 (not 3072)", ...]``; empty when it matches).
+
+    Raises ``UnknownModelError`` for a class outside the family."""
     declared = config.get("phi3edge_catalog_id")
     if declared:
-        return get(declared)
-    architectures = config.get("architectures") or []
-    for member in CATALOG:
-        if member.architecture not in architectures:
-            continue
-        if (
-            config.get("hidden_size") == member.hidden_size
-            and config.get("num_attention_heads") == member.num_heads
-            and config.get("num_key_value_heads", member.num_heads) == member.num_kv_heads
-            and config.get("max_position_embeddings") == member.context_length
-        ):
-            if member.id in ("phi-3-mini-128k", "phi-3.5-mini"):
-                return _mini_long_variant(config)
-            return member
-    raise UnknownModelError(
-        f"not a Phi-3 / Phi-3.5 checkpoint (architectures={architectures}, "
-        f"hidden_size={config.get('hidden_size')}, "
-        f"max_position_embeddings={config.get('max_position_embeddings')})"
+        return get(declared), []
+    architectures = {a.lower() for a in config.get("architectures") or []}
+    same_class = [m for m in CATALOG if m.architecture.lower() in architectures]
+    if not same_class:
+        raise UnknownModelError(
+            f"not a Phi-3 / Phi-3.5 checkpoint (architectures={config.get('architectures')}, "
+            f"hidden_size={config.get('hidden_size')}, "
+            f"max_position_embeddings={config.get('max_position_embeddings')})"
+        )
+    longrope = (config.get("rope_scaling") or {}).get("type") == "longrope"
+    ranked = sorted(
+        same_class, key=lambda m: (len(_differences(config, m)), m.uses_longrope != longrope)
     )
+    member, differences = ranked[0], _differences(config, ranked[0])
+    if not differences and member.id in ("phi-3-mini-128k", "phi-3.5-mini"):
+        member = _mini_long_variant(config)
+    return member, differences
+
+
+def _differences(config: dict[str, Any], member: FamilyMember) -> list[str]:
+    """How ``config`` differs from ``member`` in the fields that identify a member."""
+    fields = {
+        "hidden_size": member.hidden_size,
+        "num_attention_heads": member.num_heads,
+        "num_key_value_heads": member.num_kv_heads,
+        "max_position_embeddings": member.context_length,
+    }
+    found = {**fields, **{k: config[k] for k in fields if config.get(k) is not None}}
+    if config.get("num_key_value_heads") is None:  # absent: as many as attention heads
+        found["num_key_value_heads"] = found["num_attention_heads"]
+    return [f"{k} {found[k]} (not {v})" for k, v in fields.items() if found[k] != v]
 
 
 def _mini_long_variant(config: dict[str, Any]) -> FamilyMember:

@@ -132,9 +132,17 @@ def export(
     source_dir = _resolve_source(str(source), say)
     config = _read_config(source_dir)
     try:
-        member = catalog.identify(config)
+        member, differences = catalog.identify_or_nearest(config)
     except catalog.UnknownModelError as exc:
         raise ExportError(f"{source}: {exc}") from None
+    if differences:
+        warning = (
+            f"warning: {source} matches no published {member.architecture} "
+            f"({', '.join(differences)}); exporting it as a {member.architecture} with its own "
+            f"config, named after the nearest member, {member.id}"
+        )
+        log.warning(warning)
+        say(warning)
     if not member.exports_on_cpu:
         raise ExportError(f"{member.id} cannot be exported for CPU: {member.cpu_note}")
     say(f"exporting {member.id} from {source_dir} to {precision} ONNX")

@@ -45,6 +45,26 @@ def test_identify_rejects_other_models() -> None:
         catalog.identify({"architectures": ["LlamaForCausalLM"], "hidden_size": 4096})
 
 
+def test_a_family_class_of_another_shape_gets_the_nearest_member() -> None:
+    pruned = dict(catalog.get("phi-3-mini-4k").published_config(), hidden_size=2048)
+    member, differences = catalog.identify_or_nearest(pruned)
+    assert member.id == "phi-3-mini-4k" and differences == ["hidden_size 2048 (not 3072)"]
+    with pytest.raises(catalog.UnknownModelError, match="nearest: phi-3-mini-4k"):
+        catalog.identify(pruned)
+    long_small = dict(
+        catalog.get("phi-3.5-mini").published_config(), hidden_size=64, max_position_embeddings=2048
+    )
+    assert catalog.identify_or_nearest(long_small)[0].uses_longrope  # longrope: a long member
+    moe = {  # transformers' own spelling of the class
+        "architectures": ["PhimoeForCausalLM"],
+        "hidden_size": 4096,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 131072,
+    }
+    assert catalog.identify_or_nearest(moe) == (catalog.get("phi-3.5-moe"), [])
+
+
 def test_no_member_takes_system_messages() -> None:
     # The cloud docs: Phi-3 / 3.5 deployments fold system messages into the user turn.
     assert not any(m.accepts_system_role for m in catalog.CATALOG)

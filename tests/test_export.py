@@ -149,3 +149,19 @@ def test_low_memory_export_is_byte_identical_to_the_stock_builder(
     ours = export.export(checkpoint, tmp_path / "ours", progress=lambda _: None)
     for name in ("model.onnx", "model.onnx.data", "genai_config.json"):
         assert filecmp.cmp(stock / name, ours / name, shallow=False), name
+
+
+def test_a_checkpoint_of_no_published_shape_exports_with_a_warning(
+    model_factory: Callable, tmp_path: Path
+) -> None:
+    """A scaled-down Phi3ForCausalLM that does not name its member (as a pruned model would)."""
+    checkpoint = tmp_path / "custom"
+    shutil.copytree(model_factory("phi-3-mini-4k"), checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    del config["phi3edge_catalog_id"]
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    said: list[str] = []
+    out = export.export(checkpoint, tmp_path / "out", precision="fp32", progress=said.append)
+    warning = next(line for line in said if line.startswith("warning:"))
+    assert "nearest member, phi-3-mini-4k" in warning and "hidden_size" in warning
+    assert export.Manifest.read(out).catalog_id == "phi-3-mini-4k"
