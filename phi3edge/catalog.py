@@ -268,7 +268,8 @@ def identify_or_nearest(config: dict[str, Any]) -> tuple[FamilyMember, list[str]
             f"hidden_size={config.get('hidden_size')}, "
             f"max_position_embeddings={config.get('max_position_embeddings')})"
         )
-    longrope = (config.get("rope_scaling") or {}).get("type") == "longrope"
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    longrope = "longrope" in (rope.get("type"), rope.get("rope_type"))
     ranked = sorted(
         same_class, key=lambda m: (len(_differences(config, m)), m.uses_longrope != longrope)
     )
