@@ -66,7 +66,8 @@ _SMALL_NOTE = (
     "its block-sparse attention has no onnxruntime CPU kernel"
 )
 _MOE_NOTE = (
-    "onnxruntime-genai's builder exports PhiMoE for CUDA only (its MoE operator has no CPU kernel)"
+    "onnxruntime-genai's builder exports PhiMoE for CUDA only; onnxruntime has CPU MoE kernels "
+    "and a CPU exporter is prototyped (docs/research/phimoe-cpu), not yet part of phi3edge export"
 )
 
 CATALOG: tuple[FamilyMember, ...] = (
