@@ -19,7 +19,7 @@ Scheduling (onnxruntime-genai cannot add rows to a running generator on CPU):
   has waited ``BATCH_WINDOW_S`` (50 ms, so requests sent together arrive together): the oldest
   waiting request plus every later one that fits with it (``engine.fits_in_batch``: rows,
   context, a short batched prefill). A request with a long prompt runs alone and its prefill goes
-  in 256-token chunks.
+  in 64-token chunks.
 - Active batches take turns one unit of work at a time (a prefill chunk or a decode step); the
   batch that has used the least engine time goes next. A short request arriving behind a long one
   therefore starts at once and shares the engine, instead of waiting for the long one to end.
@@ -45,7 +45,7 @@ from typing import Any
 
 from phi3edge import engine, runtime
 from phi3edge.engine import ChoiceStep
-from phi3edge.errors import ApiError, in_batch
+from phi3edge.errors import ApiError, client_closed, engine_stopped, in_batch, internal_error
 from phi3edge.limits import Limits
 from phi3edge.prompt import Prompt, build_prompt
 from phi3edge.schema import ChatRequest, SamplingConfig
@@ -88,10 +88,6 @@ Event = Started | Steps | Finished | Failed
 
 
 BATCH_WINDOW_S = 0.05  # how long the oldest waiting request waits for others to batch with
-
-
-def cancelled_error() -> ApiError:
-    return ApiError(499, "client_closed_request", "the client closed the request")
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -256,7 +252,7 @@ class _Shared:
     def admit(self) -> None:
         with self.idle:
             if self.closing:
-                raise ApiError(503, "engine_stopped", "the model's engine has stopped")
+                raise engine_stopped()
             if self.jobs >= self.limits.max_queue:
                 raise ApiError(
                     429,
@@ -341,7 +337,7 @@ class EngineCore:
         has stopped.
         """
         if not self.alive:
-            raise ApiError(503, "engine_stopped", "the model's engine has stopped")
+            raise engine_stopped()
         ticket = Ticket(loop)
         deliver = self._shared.releasing(ticket._deliver)
         job = _Job(requests, batch, deliver, self.limits.time_budget_s)
@@ -478,7 +474,7 @@ class _EngineLoop:
                 log.exception("engine error; ending the requests of this batch")
                 more = False
                 for unit in batch.units:
-                    self._end(unit.job, Failed(ApiError(500, "internal_error", "internal error")))
+                    self._end(unit.job, Failed(internal_error()))
             batch.used_s += time.perf_counter() - started
             self.stats.work_units += 1
             if not more:
@@ -491,7 +487,7 @@ class _EngineLoop:
             except queue.Empty:
                 return
             if job is not None:
-                self._end(job, Failed(ApiError(503, "engine_stopped", "the engine has stopped")))
+                self._end(job, Failed(engine_stopped()))
 
     def _take_arrivals(self, waiting: deque[_Unit], wait: float | None) -> bool:
         """Prepare every job in the inbox, waiting up to ``wait`` seconds (None: until one
@@ -510,7 +506,7 @@ class _EngineLoop:
                 self._end(job, Failed(exc))
             except Exception:
                 log.exception("error while preparing a request")
-                self._end(job, Failed(ApiError(500, "internal_error", "internal error")))
+                self._end(job, Failed(internal_error()))
 
     def _prepare(self, job: _Job) -> list[_Unit]:
         """Tokenize and check every request of ``job``; the first error fails the whole job."""
@@ -542,7 +538,7 @@ class _EngineLoop:
                 continue  # a started job's late requests run and end at once with "length"
             waiting.remove(unit)
             if reason == "cancelled":
-                self._end_unit(unit, cancelled_error())
+                self._end_unit(unit)
             else:
                 self._end(
                     unit.job,
@@ -600,17 +596,18 @@ class _EngineLoop:
         self.stats.prefix_reused_tokens = self.prefix_cache.reused_tokens
         self._publish()
         for unit in batch.units:
-            self._end_unit(unit, cancelled_error())
+            self._end_unit(unit)
 
     def _publish(self) -> None:
         if self.on_stats is not None:
             self.on_stats(dataclasses.replace(self.stats))
 
-    def _end_unit(self, unit: _Unit, cancelled: ApiError) -> None:
+    def _end_unit(self, unit: _Unit) -> None:
+        """One request of its job is done; the last one ends the job (499 if it was cancelled)."""
         job = unit.job
         job.open_requests -= 1
         if job.open_requests == 0:
-            self._end(job, Failed(cancelled) if job.cancelled.is_set() else Finished())
+            self._end(job, Failed(client_closed()) if job.cancelled.is_set() else Finished())
 
     def _end(self, job: _Job, event: Finished | Failed) -> None:
         """Deliver the job's last event (once)."""

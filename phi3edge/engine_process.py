@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from phi3edge.core import EngineStats, Event, Failed, Finished, _Job, _Shared, metadata, run_engine
-from phi3edge.errors import ApiError
+from phi3edge.errors import engine_stopped
 from phi3edge.limits import Limits
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,6 @@ def _read(stream: BinaryIO) -> Any:
     if len(data) < size:
         return None
     return pickle.loads(data)
-
-
-def _stopped() -> ApiError:
-    return ApiError(503, "engine_stopped", "the model's engine has stopped")
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -119,7 +115,7 @@ class ProcessLink:
         try:
             _write(self._to_child, self._lock, message)
         except (BrokenPipeError, OSError, ValueError):  # the child is gone
-            self._end(job.id, Failed(_stopped()))
+            self._end(job.id, Failed(engine_stopped()))
 
     def _end(self, job_id: int, event: Finished | Failed) -> None:
         with self._lock:
@@ -147,7 +143,7 @@ class ProcessLink:
         with self._lock:
             left = list(self._deliveries)
         for job_id in left:
-            self._end(job_id, Failed(_stopped()))
+            self._end(job_id, Failed(engine_stopped()))
 
     def shut_down(self) -> None:
         self._stopping = True

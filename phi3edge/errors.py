@@ -55,6 +55,21 @@ def not_supported(message: str, param: str | None = None) -> ApiError:
     return ApiError(422, "parameter_not_supported", message, param)
 
 
+def engine_stopped() -> ApiError:
+    """503: the model's engine has stopped (closed, or its process died)."""
+    return ApiError(503, "engine_stopped", "the model's engine has stopped")
+
+
+def internal_error() -> ApiError:
+    """500: our own bug; the message says nothing internal (the log has the traceback)."""
+    return ApiError(500, "internal_error", "internal error")
+
+
+def client_closed() -> ApiError:
+    """499: the caller left before the answer was complete."""
+    return ApiError(499, "client_closed_request", "the client closed the request")
+
+
 def in_batch(error: ApiError, index: int) -> ApiError:
     """The same error, naming request ``index`` of a batch."""
     param = f"requests[{index}]" + (f".{error.param}" if error.param else "")

@@ -48,7 +48,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from phi3edge import openapi
-from phi3edge.errors import ApiError, bad_request
+from phi3edge.errors import ApiError, bad_request, internal_error
 from phi3edge.export import MANIFEST
 from phi3edge.http_guard import (
     HostGuardMiddleware,
@@ -107,10 +107,6 @@ def _error_response(error: ApiError, headers: Mapping[str, str] | None = None) -
     return error_response(error, all_headers)
 
 
-def _internal_error() -> ApiError:
-    return ApiError(500, "internal_error", "internal error")
-
-
 async def _on_api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return _error_response(exc)
@@ -137,7 +133,7 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
     """Our bug: log the traceback here, tell the client nothing internal."""
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return _error_response(_internal_error())
+    return _error_response(internal_error())
 
 
 # ----------------------------------------------------------------------------- auth
@@ -304,7 +300,7 @@ async def _stream(request: Request, chat: ChatRequest, route: Route) -> Response
             return
         except Exception:
             log.exception("error while streaming")
-            yield _sse(_internal_error().as_dict())
+            yield _sse(internal_error().as_dict())
             return
         yield _DONE
 
