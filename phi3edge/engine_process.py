@@ -6,7 +6,7 @@ Errors: a model that fails to load raises in the parent as it would in-process; 
 dies, every job still in it ends with 503 ``engine_stopped``.
 
 Why a process: onnxruntime-genai 0.18 keeps the GIL while it computes (a 256-token prefill chunk
-of full Phi-3-mini held it 16.6 s here: scripts/bench_model_calls.py), so in the process that runs
+of full Phi-3-mini held it 14.6 s here: scripts/bench_model_calls.py), so in the process that runs
 the model no other Python thread moves meanwhile: not the HTTP server's event loop, not an app's
 UI thread. The child runs the very
 same engine loop as the in-process engine thread (``core.run_engine``).

@@ -7,7 +7,10 @@ Measures in one run, on this thread (the engine's facts, below the scheduling):
     wants to tick every millisecond gets (0 = the call holds the GIL throughout);
   - prefill tok/s of a 512-token prompt appended in chunks of 512/256/128/64/32 tokens, and the
     longest single call (what ``engine.PREFILL_CHUNK`` trades);
-  - a decode step with 1 row and with 8 rows (the ceiling of what batching can gain).
+  - a decode step with 1 row and with 8 rows (the ceiling of what batching can gain);
+  - making a generator whose KV cache is preallocated for a new conversation (prompt + answer +
+    ``engine.CACHE_HEADROOM``), the first time and after, against reusing a kept one
+    (``rewind_to(0)``), which is what ``engine.PrefixCache`` does.
 Speed does not depend on weight values, so these are real figures for Phi-3-mini.
 """
 
@@ -74,11 +77,35 @@ def decode_step(model: runtime.LoadedModel, rows: int, steps: int = 12) -> float
     return float(np.median(times[2:]))
 
 
+def new_generator_s(model: runtime.LoadedModel, max_length: int) -> float:
+    started = time.perf_counter()
+    engine._new_generator(model, max_length, 1)
+    return time.perf_counter() - started
+
+
+def reuse_s(model: runtime.LoadedModel, max_length: int) -> float:
+    generator = engine._new_generator(model, max_length, 1)
+    generator.append_tokens(PROMPT[None, :8])
+    started = time.perf_counter()
+    generator.rewind_to(0)
+    return time.perf_counter() - started
+
+
 def main() -> None:
     args = bench_arguments(__doc__).parse_args()
     model = runtime.load(full_model(), threads=args.threads)
-    chunked_prefill(model, 64)  # warm-up
     results: dict[str, float] = {}
+    capacity = 7 + engine.CACHE_HEADROOM  # a short chat turn kept for the next one
+    first = new_generator_s(model, capacity)
+    later = float(np.median([new_generator_s(model, capacity) for _ in range(args.repeats)]))
+    reused = float(np.median([reuse_s(model, capacity) for _ in range(args.repeats)]))
+    results["new_generator_first_s"], results["new_generator_s"] = first, later
+    results["reused_generator_s"] = reused
+    print(
+        f"a generator for {capacity} tokens: new {first:.2f} s the first time, {later:.2f} s "
+        f"after; a kept one rewound to the start {reused * 1000:.1f} ms"
+    )
+    chunked_prefill(model, 64)  # warm-up
     seconds, turns = gil_turns(model)
     results["append256_s"], results["append256_other_thread_turns"] = seconds, turns
     print(f"one 256-token append: {seconds:.2f} s; turns another Python thread got: {turns}")
