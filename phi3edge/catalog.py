@@ -65,10 +65,6 @@ _SMALL_NOTE = (
     "needs the checkpoint's own modeling code (Phi3SmallForCausalLM is not in transformers) and "
     "its block-sparse attention has no onnxruntime CPU kernel"
 )
-_MOE_NOTE = (
-    "onnxruntime-genai's builder exports PhiMoE for CUDA only; onnxruntime has CPU MoE kernels "
-    "and a CPU exporter is prototyped (docs/research/phimoe-cpu), not yet part of phi3edge export"
-)
 
 CATALOG: tuple[FamilyMember, ...] = (
     FamilyMember(
@@ -212,8 +208,8 @@ CATALOG: tuple[FamilyMember, ...] = (
         vocab_size=32064,
         parameters="42B (6.6B active)",
         accepts_system_role=_NO_SYSTEM,
-        exports_on_cpu=False,
-        cpu_note=_MOE_NOTE,
+        exports_on_cpu=True,
+        cpu_note="",
     ),
 )
 

@@ -68,7 +68,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         lm_head=args.lm_head,
         embeddings=args.embeddings,
     )
-    export(args.source, args.out, precision=args.precision, int4=int4, progress=_progress)
+    export(
+        args.source,
+        args.out,
+        precision=args.precision,
+        int4=int4,
+        progress=_progress,
+        moe_experts=args.moe_experts,
+    )
     return 0
 
 
@@ -76,7 +83,9 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> int:
     from phi3edge.fixtures import write_random_checkpoint
 
     _progress(f"writing a {args.size} random-weight {args.arch} checkpoint to {args.out}")
-    path = write_random_checkpoint(args.arch, args.out, size=args.size, seed=args.seed)
+    path = write_random_checkpoint(
+        args.arch, args.out, size=args.size, seed=args.seed, layers=args.layers
+    )
     print(path)
     return 0
 
@@ -237,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--lm-head", choices=["int4", "int8", "fp32"], default="int4")
     exp.add_argument("--embeddings", choices=["fp32", "int4"], default="fp32")
+    exp.add_argument(
+        "--moe-experts",
+        choices=["int4", "int8"],
+        help="Phi-3.5-MoE experts (default int4; int8 with --precision fp32): int8 is more exact",
+    )
     exp.set_defaults(func=cmd_export)
 
     rnd = sub.add_parser("random-checkpoint", help="write a random-weight Phi-3 checkpoint")
@@ -244,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     rnd.add_argument("out")
     rnd.add_argument("--size", choices=["tiny", "full"], default="tiny")
     rnd.add_argument("--seed", type=int, default=0)
+    rnd.add_argument(
+        "--layers", type=int, help="fewer layers than the member has (per-layer benchmarks)"
+    )
     rnd.set_defaults(func=cmd_random_checkpoint)
 
     info = sub.add_parser("info", help="the family catalog, or an exported model's manifest")

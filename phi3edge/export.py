@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from phi3edge import catalog
+from phi3edge import catalog, phimoe_builder
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ DEFAULT_BLOCK_SIZE = 32
 ACCURACY_LEVELS = (1, 2, 3, 4)  # MatMulNBits activations: 1 fp32, 2 fp16, 3 bf16, 4 int8
 LM_HEADS = ("int4", "int8", "fp32")
 EMBEDDINGS = ("fp32", "int4")
+MOE_EXPERTS = ("int4", "int8")  # onnxruntime's CPU QMoE kernel has no float experts
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class Manifest:
     source_sha256: str
     phi3edge_version: str
     onnxruntime_genai_version: str
+    moe_experts: str | None = None
 
     def write(self, folder: Path) -> None:
         (folder / MANIFEST).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -116,8 +118,13 @@ def export(
     precision: str = "int4",
     int4: Int4Options | None = None,
     progress: Callable[[str], None] | None = None,
+    moe_experts: str | None = None,
 ) -> Path:
-    """Convert ``source`` (folder or hub id) into ``out`` and return ``out``."""
+    """Convert ``source`` (folder or hub id) into ``out`` and return ``out``.
+
+    ``moe_experts`` (Phi-3.5-MoE only) is the experts' precision: int4 by default, int8 when
+    ``precision`` is fp32 (the most exact the CPU kernel has).
+    """
     say = progress or log.info
     out = Path(out).absolute()
     if precision not in PRECISIONS:
@@ -145,11 +152,26 @@ def export(
         say(warning)
     if not member.exports_on_cpu:
         raise ExportError(f"{member.id} cannot be exported for CPU: {member.cpu_note}")
-    say(f"exporting {member.id} from {source_dir} to {precision} ONNX")
+    is_moe = member.architecture in phimoe_builder.ARCHITECTURES
+    if moe_experts is not None and not is_moe:
+        raise ExportError(f"--moe-experts applies to Phi-3.5-MoE only, not to {member.id}")
+    if is_moe:
+        moe_experts = moe_experts or ("int4" if precision == "int4" else "int8")
+        if moe_experts not in MOE_EXPERTS:
+            raise ExportError(f"moe experts must be one of {MOE_EXPERTS}, not {moe_experts!r}")
+    if not _has_chat_template(source_dir):
+        raise ExportError(
+            f"{source}: the checkpoint has no chat template (tokenizer_config.json "
+            "'chat_template' or chat_template.jinja); phi3edge needs it to build prompts"
+        )
+    experts_note = f", experts {moe_experts}" if is_moe else ""
+    say(f"exporting {member.id} from {source_dir} to {precision} ONNX{experts_note}")
 
     with staged_folder(out) as staging:
         options = int4.builder_options() if precision == "int4" else []
-        _run_builder(source_dir, staging, precision, options, say)
+        if is_moe:
+            options += [f"moe_quant_type={moe_experts}", f"qmoe_block_size={int4.block_size}"]
+        _run_builder(source_dir, staging, precision, options, say, moe=is_moe)
         checksum = source_checksum(source_dir)
         Manifest(
             catalog_id=member.id,
@@ -162,6 +184,7 @@ def export(
             source_sha256=checksum,
             phi3edge_version=_version("phi3edge"),
             onnxruntime_genai_version=_version("onnxruntime-genai"),
+            moe_experts=moe_experts,
         ).write(staging)
     say(f"done in {time.monotonic() - started:.1f} s: {out}")
     return out
@@ -197,7 +220,9 @@ def _resolve_source(source: str, say: Callable[[str], None]) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(
-            snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model"])
+            snapshot_download(
+                source, allow_patterns=["*.json", "*.jinja", "*.safetensors", "*.model"]
+            )
         )
     except Exception as exc:  # network, auth, missing repo: all one line for the user
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -211,6 +236,16 @@ def _read_config(source_dir: Path) -> dict[str, Any]:
         raise ExportError(f"cannot read {source_dir / 'config.json'}: {exc}") from None
 
 
+def _has_chat_template(source_dir: Path) -> bool:
+    if (source_dir / "chat_template.jinja").is_file():
+        return True
+    try:
+        config = json.loads((source_dir / "tokenizer_config.json").read_text("utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return bool(config.get("chat_template"))
+
+
 def load_builder() -> Any:
     """onnxruntime-genai's model builder module (it imports its siblings as top-level modules,
     which ``onnxruntime_genai.models`` makes importable by extending sys.path)."""
@@ -221,9 +256,15 @@ def load_builder() -> Any:
 
 
 def _run_builder(
-    source_dir: Path, out: Path, precision: str, options: list[str], say: Callable[[str], None]
+    source_dir: Path,
+    out: Path,
+    precision: str,
+    options: list[str],
+    say: Callable[[str], None],
+    moe: bool = False,
 ) -> None:
-    """Run onnxruntime-genai's builder, turning its prints into progress lines."""
+    """Run onnxruntime-genai's builder (our subclass of it for Phi-3.5-MoE), turning its prints
+    into progress lines."""
     builder = load_builder()
     with tempfile.TemporaryDirectory(prefix="phi3edge-builder-cache-") as cache_dir:
         with (
@@ -231,6 +272,11 @@ def _run_builder(
             _quiet_quantizer_logs(),
             _spill_before_quantizing(builder, Path(cache_dir), say),
         ):
+            if moe:
+                phimoe_builder.create_model(
+                    builder, str(source_dir), str(out), precision, cache_dir, options
+                )
+                return
             extra = builder.parse_extra_options(
                 None, str(source_dir), str(out), precision, "cpu", cache_dir, options
             )

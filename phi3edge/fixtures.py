@@ -74,6 +74,10 @@ def checkpoint_config(member_id: str, size: str = "tiny") -> dict[str, Any]:
         ratio = member.context_length // member.original_context_length
         config["original_max_position_embeddings"] = _TINY_ORIGINAL_CONTEXT
         config["max_position_embeddings"] = _TINY_ORIGINAL_CONTEXT * ratio
+        if "original_max_position_embeddings" in config["rope_scaling"]:
+            config["rope_scaling"]["original_max_position_embeddings"] = _TINY_ORIGINAL_CONTEXT
+        if config.get("sliding_window"):
+            config["sliding_window"] = config["max_position_embeddings"]
     else:
         config["max_position_embeddings"] = 2048
         config["original_max_position_embeddings"] = 2048
@@ -83,12 +87,14 @@ def checkpoint_config(member_id: str, size: str = "tiny") -> dict[str, Any]:
 
 
 def _full_config_or_none(member: catalog.FamilyMember) -> dict[str, Any] | None:
-    if member.architecture != "Phi3ForCausalLM":
-        return None  # Phi-3-small needs remote code; PhiMoE's rope lists are incomplete
+    if member.architecture not in ("Phi3ForCausalLM", "PhiMoEForCausalLM"):
+        return None  # Phi-3-small needs remote code
     config = copy.deepcopy(member.published_config())
     if member.id == "phi-3-mini-128k":
         for key, value in _MINI_LONG_TRAILING.items():
             config.setdefault(key, value)
+    if member.id == "phi-3.5-moe":
+        config["rope_scaling"] = _moe_rope_scaling()
     if "rope_scaling" not in config or "vocab_size" not in config:
         return None  # medium-128k: rope lists incomplete
     config.pop("auto_map", None)  # transformers has Phi-3 built in; no remote code
@@ -96,13 +102,36 @@ def _full_config_or_none(member: catalog.FamilyMember) -> dict[str, Any] | None:
     return config
 
 
+def _moe_rope_scaling() -> dict[str, Any]:
+    """Phi-3.5-MoE's longrope block. Only the first 36 long and 8 short factors are published
+    (data/phi3-family/SOURCES.md); the rest repeat the last known value. Factor values change
+    which frequencies rotate how fast, not the architecture or its speed."""
+    fragments = catalog.load_data_json("rope-scaling-fragments.partial.json")[
+        "phi-3.5-moe-instruct"
+    ]
+    length = fragments["expected_list_length"]
+
+    def padded(known: list[float]) -> list[float]:
+        return known + [known[-1]] * (length - len(known))
+
+    return {
+        "type": "longrope",
+        "long_factor": padded(fragments["long_factor_first_36"]),
+        "short_factor": padded(fragments["short_factor_first_8"]),
+        "long_mscale": fragments["long_mscale"],
+        "short_mscale": fragments["short_mscale"],
+        "original_max_position_embeddings": fragments["original_max_position_embeddings"],
+    }
+
+
 def write_random_checkpoint(
-    member_id: str, out: str | Path, size: str = "tiny", seed: int = 0
+    member_id: str, out: str | Path, size: str = "tiny", seed: int = 0, layers: int | None = None
 ) -> Path:
     """Write a random-weight checkpoint folder and return its path.
 
     Weights are written one tensor group at a time (bf16 for ``full``, fp32 for ``tiny``), so a
-    full-size Phi-3-medium never needs its whole float32 state in memory.
+    full-size Phi-3-medium never needs its whole float32 state in memory. ``layers`` overrides the
+    depth (a full-width model with fewer layers measures per-layer costs of a model too big here).
     """
     import torch
     from safetensors.torch import save_file
@@ -111,6 +140,10 @@ def write_random_checkpoint(
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output folder {out} is not empty")
     config = checkpoint_config(member_id, size)
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"layers must be at least 1, not {layers}")
+        config["num_hidden_layers"] = layers
     member = catalog.get(member_id)
     full = size == "full"
     config["torch_dtype"] = "bfloat16" if full else "float32"
@@ -133,7 +166,12 @@ def write_random_checkpoint(
         }
         gen = {k: v for k, v in gen.items() if k != "transformers_version"}
         (staging / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        template = catalog.chat_templates()[member.hf_id.split("/")[1]]["chat_template"]
+        templates = catalog.chat_templates()
+        # Phi-3.5-MoE's own template was not recovered (SOURCES.md): the Phi-3.5 format stands in.
+        template = (
+            templates[member.hf_id.split("/")[1]]["chat_template"]
+            or templates["Phi-3.5-mini-instruct"]["chat_template"]
+        )
         build_phi3_tokenizer().save(str(staging / "tokenizer.json"))
         tokenizer_config = phi3_tokenizer_config(template, config["max_position_embeddings"])
         (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
@@ -141,7 +179,7 @@ def write_random_checkpoint(
 
 
 def _random_tensors(config: dict[str, Any], rng: Any, bf16: bool) -> Iterator[dict[str, Any]]:
-    """Yield the checkpoint's tensors grouped per layer, in Phi3ForCausalLM's naming."""
+    """Yield the checkpoint's tensors grouped per layer, in the published checkpoints' naming."""
     import torch
 
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -161,15 +199,34 @@ def _random_tensors(config: dict[str, Any], rng: Any, bf16: bool) -> Iterator[di
         return (1.0 + 0.1 * torch.randn(n, generator=rng)).to(dtype)
 
     yield {"model.embed_tokens.weight": normal(vocab, hidden)}
-    qkv_rows = (heads + 2 * kv_heads) * head_dim
+    moe = config.get("model_type") == "phimoe"
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        yield {
+        layer = {
             p + "input_layernorm.weight": ones(hidden),
             p + "post_attention_layernorm.weight": ones(hidden),
-            p + "self_attn.qkv_proj.weight": normal(qkv_rows, hidden),
-            p + "self_attn.o_proj.weight": normal(hidden, hidden),
-            p + "mlp.gate_up_proj.weight": normal(2 * inter, hidden),
-            p + "mlp.down_proj.weight": normal(hidden, inter),
         }
-    yield {"model.norm.weight": ones(hidden), "lm_head.weight": normal(vocab, hidden)}
+        if moe:  # the hub layout: separate q/k/v/o with biases, LayerNorm biases, w1/w2/w3 experts
+            kv = kv_heads * head_dim
+            for name, rows in (("q", hidden), ("k", kv), ("v", kv), ("o", hidden)):
+                layer[p + f"self_attn.{name}_proj.weight"] = normal(rows, hidden)
+                layer[p + f"self_attn.{name}_proj.bias"] = normal(rows)
+            layer[p + "input_layernorm.bias"] = normal(hidden)
+            layer[p + "post_attention_layernorm.bias"] = normal(hidden)
+            layer[p + "block_sparse_moe.gate.weight"] = normal(config["num_local_experts"], hidden)
+            for e in range(config["num_local_experts"]):
+                expert = p + f"block_sparse_moe.experts.{e}."
+                layer[expert + "w1.weight"] = normal(inter, hidden)
+                layer[expert + "w2.weight"] = normal(hidden, inter)
+                layer[expert + "w3.weight"] = normal(inter, hidden)
+        else:
+            qkv_rows = (heads + 2 * kv_heads) * head_dim
+            layer[p + "self_attn.qkv_proj.weight"] = normal(qkv_rows, hidden)
+            layer[p + "self_attn.o_proj.weight"] = normal(hidden, hidden)
+            layer[p + "mlp.gate_up_proj.weight"] = normal(2 * inter, hidden)
+            layer[p + "mlp.down_proj.weight"] = normal(hidden, inter)
+        yield layer
+    last = {"model.norm.weight": ones(hidden), "lm_head.weight": normal(vocab, hidden)}
+    if moe:
+        last.update({"model.norm.bias": normal(hidden), "lm_head.bias": normal(vocab)})
+    yield last

@@ -15,6 +15,11 @@ Measures in one run (each figure the median of --repeats runs):
     and behind a long prompt's prefill (what the engine's batching and turn-taking buy).
 Speed does not depend on weight values, so these are real figures for Phi-3-mini.
 Run one part with --sections concurrency (results merge into the existing JSON).
+
+--sections moe: Phi-3.5-MoE at full width with 1 and 2 layers (all 32 need about 26 GB at INT4,
+more than this machine has): raw onnxruntime-genai prefill and decode, split into the per-layer
+and fixed (embedding, lm_head, sampling) parts and extrapolated to 32 layers (labelled so), plus
+the bytes of weights a decoded token reads (attention, router, 2 of 16 experts per layer, lm_head).
 """
 
 from __future__ import annotations
@@ -163,7 +168,10 @@ def concurrency(folder: Path, threads: int, engine: str, results: dict[str, floa
 def main() -> None:
     parser = bench_arguments(__doc__)
     parser.add_argument(
-        "--sections", default="all", choices=["all", "engine", "concurrency"], help="what to run"
+        "--sections",
+        default="all",
+        choices=["all", "engine", "concurrency", "moe"],
+        help="what to run (all = engine + concurrency)",
     )
     parser.add_argument(
         "--engine",
@@ -172,7 +180,7 @@ def main() -> None:
         help="where the served model runs in the concurrency section (both: one after the other)",
     )
     args = parser.parse_args()
-    folder = full_model()
+    folder = full_model() if args.sections != "moe" else Path()
     out = args.out / "bench_engine.json"
     results: dict[str, float] = json.loads(out.read_text()) if out.exists() else {}
     if args.sections in ("all", "concurrency"):
@@ -180,6 +188,8 @@ def main() -> None:
             concurrency(folder, args.threads, engine_mode, results)
     if args.sections in ("all", "engine"):
         engine_sections(folder, args, results)
+    if args.sections == "moe":
+        moe_layer_stack(args, results)
     print(f"machine: {machine()}")
     args.out.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
@@ -272,6 +282,62 @@ def engine_sections(folder: Path, args: argparse.Namespace, results: dict[str, f
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
     results["peak_rss_gb"] = peak_gb
     print(f"peak RSS of this process: {peak_gb:.2f} GB")
+
+
+def _decode_bytes_per_token(folder: Path) -> dict[str, float]:
+    """Bytes of weights one decoded token reads in a 1-layer export, by part: the dense part of
+    the layer (attention, norms, router), top-k/E of its experts, and the fixed lm_head."""
+    import onnx
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    qmoe = next(n for n in model.graph.node if n.op_type == "QMoE")
+    k = next(a.i for a in qmoe.attribute if a.name == "k")
+    experts = next(t.dims[0] for t in model.graph.initializer if t.name.endswith(".qweight"))
+    parts = {"layer_dense": 0.0, "layer_experts_active": 0.0, "lm_head": 0.0}
+    for tensor in model.graph.initializer:
+        size = sum(
+            int(entry.value) for entry in tensor.external_data if entry.key == "length"
+        ) or len(tensor.raw_data)
+        if ".moe.experts." in tensor.name:
+            parts["layer_experts_active"] += size * k / experts
+        elif tensor.name.startswith("model.layers.0"):
+            parts["layer_dense"] += size
+        elif tensor.name.startswith("lm_head"):
+            parts["lm_head"] += size
+    return parts
+
+
+def moe_layer_stack(args: argparse.Namespace, results: dict[str, float]) -> None:
+    """Full-width Phi-3.5-MoE with 1 and 2 layers: the difference is one layer's cost."""
+    ids = prompt_ids(128)
+    per_token = {}
+    for layers in (1, 2):
+        folder = full_model("phi-3.5-moe", layers=layers)
+        model = runtime.load(folder, threads=args.threads)
+        first_s, decode_tok_s = med([raw_og(model, ids, 32) for _ in range(args.repeats)])
+        per_token[layers] = (first_s / len(ids), 1.0 / decode_tok_s)
+        print(f"{layers} layer(s): prefill {len(ids) / first_s:.1f} tok/s, "
+              f"decode {decode_tok_s:.2f} tok/s", flush=True)  # fmt: skip
+        del model
+    layer = [per_token[2][i] - per_token[1][i] for i in (0, 1)]
+    fixed = [per_token[1][i] - layer[i] for i in (0, 1)]
+    total = [fixed[i] + 32 * layer[i] for i in (0, 1)]
+    parts = _decode_bytes_per_token(full_model("phi-3.5-moe", layers=1))
+    read = parts["lm_head"] + 32 * (parts["layer_dense"] + parts["layer_experts_active"])
+    figures = {
+        "moe_layer_prefill_ms_per_token": layer[0] * 1e3,
+        "moe_layer_decode_ms": layer[1] * 1e3,
+        "moe_fixed_decode_ms": fixed[1] * 1e3,
+        "moe_32_layers_prefill_tok_s_extrapolated": 1.0 / total[0],
+        "moe_32_layers_decode_tok_s_extrapolated": 1.0 / total[1],
+        "moe_32_layers_decode_bytes_per_token_gb": read / 1e9,
+        "moe_32_layers_decode_gb_s_extrapolated": read / total[1] / 1e9,
+        "moe_layer_dense_mb": parts["layer_dense"] / 1e6,
+        "moe_layer_active_experts_mb": parts["layer_experts_active"] / 1e6,
+    }
+    results.update(figures)
+    for key, value in figures.items():
+        print(f"{key}: {value:.3f}")
 
 
 if __name__ == "__main__":

@@ -20,17 +20,22 @@ from phi3edge.cli import cache_dir
 
 
 def full_model(
-    member: str = "phi-3-mini-4k", precision: str = "int4", **options: int | str
+    member: str = "phi-3-mini-4k",
+    precision: str = "int4",
+    layers: int | None = None,
+    **options: int | str,
 ) -> Path:
     """The full-size random checkpoint of ``member`` exported once and cached (INT4 options as
-    keyword arguments, e.g. ``block_size=128``)."""
+    keyword arguments, e.g. ``block_size=128``). ``layers`` keeps the full width with fewer
+    layers, for members too big for this machine."""
     root = cache_dir() / "bench"
-    checkpoint = root / f"full-{member}-random"
+    depth = f"-{layers}layers" if layers else ""
+    checkpoint = root / f"full-{member}{depth}-random"
     if not (checkpoint / "config.json").exists():
-        print(f"building full-size random {member} in {checkpoint} (about a minute) ...")
-        fixtures.write_random_checkpoint(member, checkpoint, size="full")
+        print(f"building full-size random {member}{depth} in {checkpoint} ...")
+        fixtures.write_random_checkpoint(member, checkpoint, size="full", layers=layers)
     suffix = "".join(f"-{k}{v}" for k, v in sorted(options.items()))
-    exported = root / f"full-{member}-random-{precision}{suffix}"
+    exported = root / f"full-{member}{depth}-random-{precision}{suffix}"
     if not (exported / export.MANIFEST).exists():
         print(f"exporting to {exported} (about 3 minutes) ...")
         int4 = export.Int4Options(**options)  # type: ignore[arg-type]

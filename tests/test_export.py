@@ -60,11 +60,11 @@ def test_not_a_phi3_checkpoint(capsys: pytest.CaptureFixture, tmp_path: Path) ->
 def test_member_without_cpu_export(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     from phi3edge import catalog
 
-    src = tmp_path / "moe"
+    src = tmp_path / "small"
     src.mkdir()
-    (src / "config.json").write_text(json.dumps(catalog.get("phi-3.5-moe").published_config()))
+    (src / "config.json").write_text(json.dumps(catalog.get("phi-3-small-8k").published_config()))
     err = _cli_error(capsys, "export", str(src), str(tmp_path / "out"))
-    assert "phi-3.5-moe cannot be exported for CPU" in err
+    assert "phi-3-small-8k cannot be exported for CPU" in err
 
 
 def test_non_empty_output(capsys: pytest.CaptureFixture, tmp_path: Path, model_factory) -> None:
@@ -165,3 +165,22 @@ def test_a_checkpoint_of_no_published_shape_exports_with_a_warning(
     warning = next(line for line in said if line.startswith("warning:"))
     assert "nearest member, phi-3-mini-4k" in warning and "hidden_size" in warning
     assert export.Manifest.read(out).catalog_id == "phi-3-mini-4k"
+
+
+def test_moe_experts_option_is_for_phi_3_5_moe_only(capsys, tmp_path: Path, model_factory) -> None:
+    checkpoint = str(model_factory("phi-3-mini-4k"))
+    err = _cli_error(capsys, "export", checkpoint, str(tmp_path / "o"), "--moe-experts", "int8")
+    assert "--moe-experts applies to Phi-3.5-MoE only" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_checkpoint_without_a_chat_template_is_refused_before_export(
+    capsys, tmp_path: Path, model_factory
+) -> None:
+    checkpoint = tmp_path / "no-template"
+    shutil.copytree(model_factory("phi-3-mini-4k"), checkpoint)
+    config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps(config))
+    err = _cli_error(capsys, "export", str(checkpoint), str(tmp_path / "o"))
+    assert "has no chat template" in err

@@ -35,9 +35,28 @@ def test_tiny_keeps_structure(member_id: str) -> None:
     assert tiny.get("rope_scaling") == member.published_config().get("rope_scaling")
 
 
+def test_tiny_moe_keeps_experts_routing_and_the_known_rope_factors() -> None:
+    member = catalog.get("phi-3.5-moe")
+    published = member.published_config()
+    tiny = fixtures.checkpoint_config("phi-3.5-moe", "tiny")
+    for key in ("num_local_experts", "num_experts_per_tok", "router_jitter_noise", "lm_head_bias"):
+        assert tiny[key] == published[key]
+    assert tiny["hidden_size"] // tiny["num_attention_heads"] == member.head_dim
+    rope = tiny["rope_scaling"]
+    known = catalog.load_data_json("rope-scaling-fragments.partial.json")["phi-3.5-moe-instruct"]
+    assert len(rope["long_factor"]) == len(rope["short_factor"]) == member.head_dim // 2
+    assert rope["long_factor"][:36] == known["long_factor_first_36"]
+    assert rope["original_max_position_embeddings"] == tiny["original_max_position_embeddings"]
+
+
+def test_layers_override_and_its_bounds(tmp_path: Path) -> None:
+    path = fixtures.write_random_checkpoint("phi-3-mini-4k", tmp_path / "one", layers=1)
+    assert json.loads((path / "config.json").read_text())["num_hidden_layers"] == 1
+    with pytest.raises(ValueError, match="at least 1"):
+        fixtures.write_random_checkpoint("phi-3-mini-4k", tmp_path / "zero", layers=0)
+
+
 def test_unbuildable_members_say_why() -> None:
-    with pytest.raises(ValueError, match="CUDA"):
-        fixtures.checkpoint_config("phi-3.5-moe")
     with pytest.raises(ValueError, match="modeling code"):
         fixtures.checkpoint_config("phi-3-small-8k")
 

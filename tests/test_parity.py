@@ -2,7 +2,6 @@
 
 The reference is transformers' own Phi3ForCausalLM; the ONNX side runs the exported model.onnx with
 onnxruntime at every position of one prompt (past the original context for LongRoPE members).
-optimum's normalized config reads the architecture so the empty KV inputs are shaped generically.
 """
 
 from __future__ import annotations
@@ -17,8 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from optimum.utils import NormalizedConfigManager  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+from parity_tools import cosines, onnx_logits  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 MEMBERS = ["phi-3-mini-4k", "phi-3-mini-128k", "phi-3.5-mini", "phi-3-medium-4k"]
 
@@ -37,20 +36,6 @@ def _reference_logits(checkpoint: Path, ids: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(ids)).logits.numpy()
 
 
-def _onnx_logits(checkpoint: Path, exported: Path, ids: np.ndarray) -> np.ndarray:
-    config = AutoConfig.from_pretrained(checkpoint)
-    normalized = NormalizedConfigManager.get_normalized_config_class("phi3")(config)
-    head_dim = normalized.hidden_size // normalized.num_attention_heads
-    session = ort.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    for value in session.get_inputs():
-        if value.name.startswith("past_key_values"):
-            feeds[value.name] = np.zeros(
-                (ids.shape[0], normalized.num_key_value_heads, 0, head_dim), np.float32
-            )
-    return session.run(["logits"], feeds)[0]
-
-
 @pytest.fixture(scope="module", params=MEMBERS)
 def member(request: pytest.FixtureRequest) -> str:
     return request.param
@@ -62,7 +47,7 @@ def test_fp32_export_matches_transformers_at_every_position(
     checkpoint = model_factory(member)
     ids = np.random.default_rng(1).integers(0, 32000, size=(1, _prompt_length(checkpoint)))
     reference = _reference_logits(checkpoint, ids)
-    ours = _onnx_logits(checkpoint, model_factory(member, "fp32"), ids)
+    ours = onnx_logits(checkpoint, model_factory(member, "fp32"), ids)
     assert ours.shape == reference.shape
     diff = np.abs(ours - reference).max()
     print(f"{member}: fp32 max abs diff {diff:.2e} over {ids.shape[1]} positions")
@@ -75,10 +60,8 @@ def test_int4_export_logits_close_to_transformers(
     checkpoint = model_factory(member)
     ids = np.random.default_rng(2).integers(0, 32000, size=(1, _prompt_length(checkpoint)))
     reference = _reference_logits(checkpoint, ids)[0]
-    ours = _onnx_logits(checkpoint, model_factory(member, "int4"), ids)[0]
-    cosine = (ours * reference).sum(-1) / (
-        np.linalg.norm(ours, axis=-1) * np.linalg.norm(reference, axis=-1)
-    )
+    ours = onnx_logits(checkpoint, model_factory(member, "int4"), ids)[0]
+    cosine = cosines(ours, reference)
     print(f"{member}: int4 cosine min {cosine.min():.4f} mean {cosine.mean():.4f}")
     assert cosine.min() >= 0.95
 
