@@ -62,8 +62,8 @@ class FamilyMember:
 _NO_SYSTEM = False
 
 _SMALL_NOTE = (
-    "needs the checkpoint's own modeling code (Phi3SmallForCausalLM is not in transformers) and "
-    "its block-sparse attention has no onnxruntime CPU kernel"
+    "through our own PyTorch reference (phi3edge.phi3_small; no remote code); a published "
+    "checkpoint ships tiktoken's cl100k_base file, not yet converted to tokenizer.json"
 )
 
 CATALOG: tuple[FamilyMember, ...] = (
@@ -118,7 +118,7 @@ CATALOG: tuple[FamilyMember, ...] = (
         vocab_size=100352,
         parameters="7B",
         accepts_system_role=_NO_SYSTEM,
-        exports_on_cpu=False,
+        exports_on_cpu=True,
         cpu_note=_SMALL_NOTE,
     ),
     FamilyMember(
@@ -136,7 +136,7 @@ CATALOG: tuple[FamilyMember, ...] = (
         vocab_size=100352,
         parameters="7B",
         accepts_system_role=_NO_SYSTEM,
-        exports_on_cpu=False,
+        exports_on_cpu=True,
         cpu_note=_SMALL_NOTE,
     ),
     FamilyMember(

@@ -39,6 +39,7 @@ DEFAULT_BLOCK_SIZE = 32
 ACCURACY_LEVELS = (1, 2, 3, 4)  # MatMulNBits activations: 1 fp32, 2 fp16, 3 bf16, 4 int8
 LM_HEADS = ("int4", "int8", "fp32")
 EMBEDDINGS = ("fp32", "int4")
+SMALL = "Phi3SmallForCausalLM"  # exported through phi3edge.phi3_small (imports torch: lazily)
 MOE_EXPERTS = ("int4", "int8")  # onnxruntime's CPU QMoE kernel has no float experts
 
 
@@ -159,6 +160,11 @@ def export(
         moe_experts = moe_experts or ("int4" if precision == "int4" else "int8")
         if moe_experts not in MOE_EXPERTS:
             raise ExportError(f"moe experts must be one of {MOE_EXPERTS}, not {moe_experts!r}")
+    if member.architecture == SMALL and not (source_dir / "tokenizer.json").is_file():
+        raise ExportError(
+            f"{source}: no tokenizer.json; a published Phi-3-small ships tiktoken's cl100k_base "
+            "file, which phi3edge cannot convert yet"
+        )
     if not _has_chat_template(source_dir):
         raise ExportError(
             f"{source}: the checkpoint has no chat template (tokenizer_config.json "
@@ -171,7 +177,7 @@ def export(
         options = int4.builder_options() if precision == "int4" else []
         if is_moe:
             options += [f"moe_quant_type={moe_experts}", f"qmoe_block_size={int4.block_size}"]
-        _run_builder(source_dir, staging, precision, options, say, moe=is_moe)
+        _run_builder(source_dir, staging, precision, options, say, member.architecture)
         checksum = source_checksum(source_dir)
         Manifest(
             catalog_id=member.id,
@@ -261,22 +267,28 @@ def _run_builder(
     precision: str,
     options: list[str],
     say: Callable[[str], None],
-    moe: bool = False,
+    architecture: str,
 ) -> None:
-    """Run onnxruntime-genai's builder (our subclass of it for Phi-3.5-MoE), turning its prints
-    into progress lines."""
+    """Run onnxruntime-genai's builder, turning its prints into progress lines. Phi-3.5-MoE goes
+    through our subclass of it; Phi-3-small through the builder patched to load our reference
+    model (no remote code)."""
     builder = load_builder()
     with tempfile.TemporaryDirectory(prefix="phi3edge-builder-cache-") as cache_dir:
         with (
             _builder_output_as_progress(say),
             _quiet_quantizer_logs(),
             _spill_before_quantizing(builder, Path(cache_dir), say),
+            contextlib.ExitStack() as stack,
         ):
-            if moe:
+            if architecture in phimoe_builder.ARCHITECTURES:
                 phimoe_builder.create_model(
                     builder, str(source_dir), str(out), precision, cache_dir, options
                 )
                 return
+            if architecture == SMALL:
+                from phi3edge.phi3_small_export import patched_builder
+
+                stack.enter_context(patched_builder(builder, source_dir))
             extra = builder.parse_extra_options(
                 None, str(source_dir), str(out), precision, "cpu", cache_dir, options
             )

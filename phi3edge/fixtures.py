@@ -21,8 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from phi3edge import catalog
-from phi3edge.export import staged_folder
-from phi3edge.tokenizer_fixture import build_phi3_tokenizer, phi3_tokenizer_config
+from phi3edge.export import SMALL, staged_folder
+from phi3edge.tokenizer_fixture import (
+    build_phi3_small_tokenizer,
+    build_phi3_tokenizer,
+    phi3_small_tokenizer_config,
+    phi3_tokenizer_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,41 @@ _MINI_LONG_TRAILING = {
 _TINY = {"num_hidden_layers": 2, "intermediate_size": 256}
 _TINY_ORIGINAL_CONTEXT = 256
 
+# Keys the partial small-128k config lacks: small-8k's values (SOURCES.md: presumably the same).
+_SMALL_LONG_TRAILING = {
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "attention_bias": False,
+    "vocab_size": 100352,
+}
+# tiny Phi-3-small: narrow sparse blocks so a prompt of a few hundred tokens crosses several blocks
+# and vertical strides (published: 64-token blocks, 16 local, stride 8 -> sparse only past 1024);
+# 2 layers = one block-sparse and one dense layer.
+_TINY_SMALL = {
+    "num_hidden_layers": 2,
+    "ff_intermediate_size": 256,
+    "blocksparse_block_size": 16,
+    "blocksparse_triton_kernel_block_size": 16,
+    "blocksparse_num_local_blocks": 2,
+    "blocksparse_vert_stride": 4,
+}
+# Phi-3-small's generation_config.json is known for 128k only; 8k uses the same ids here.
+_SMALL_GENERATION = {"bos_token_id": 100257, "eos_token_id": [100257, 100266]}
+
+
+def small_128k_rope_scaling_stand_in(head_dim: int = 128) -> dict[str, Any]:
+    """A LongRoPE ``rope_scaling`` shaped like the family's (type longrope, head_dim / 2 factors
+    per list, short ~1, long rising), for random Phi-3-small-128k checkpoints. The published
+    values were not recovered (data/phi3-family/SOURCES.md); no mscale keys, so the model's
+    defaults apply (short 1.0, long sqrt(1 + ln 16 / ln 8192))."""
+    half = head_dim // 2
+    return {
+        "type": "longrope",
+        "short_factor": [round(1.0 + 0.5 * (i / half) ** 4, 4) for i in range(half)],
+        "long_factor": [round(1.0 + 40.0 * (i / half) ** 2, 4) for i in range(half)],
+        "phi3edge_stand_in": "published values not recovered; see SOURCES.md",
+    }
+
 
 def buildable_members() -> list[str]:
     """Members whose exact architecture we can build with random weights."""
@@ -62,11 +102,14 @@ def checkpoint_config(member_id: str, size: str = "tiny") -> dict[str, Any]:
         return config
     if size != "tiny":
         raise ValueError(f"size must be 'tiny' or 'full', not {size!r}")
+    if member.architecture == SMALL:
+        config.update(_TINY_SMALL)
+    else:
+        config.update(_TINY)
     head_dim = member.head_dim
     group = member.num_heads // member.num_kv_heads
     kv_heads = 1 if group > 1 else 2
     heads = kv_heads * group
-    config.update(_TINY)
     config["num_attention_heads"] = heads
     config["num_key_value_heads"] = kv_heads
     config["hidden_size"] = heads * head_dim
@@ -87,8 +130,10 @@ def checkpoint_config(member_id: str, size: str = "tiny") -> dict[str, Any]:
 
 
 def _full_config_or_none(member: catalog.FamilyMember) -> dict[str, Any] | None:
+    if member.architecture == SMALL:
+        return _small_full_config(member)
     if member.architecture not in ("Phi3ForCausalLM", "PhiMoEForCausalLM"):
-        return None  # Phi-3-small needs remote code
+        return None
     config = copy.deepcopy(member.published_config())
     if member.id == "phi-3-mini-128k":
         for key, value in _MINI_LONG_TRAILING.items():
@@ -124,6 +169,19 @@ def _moe_rope_scaling() -> dict[str, Any]:
     }
 
 
+def _small_full_config(member: catalog.FamilyMember) -> dict[str, Any]:
+    """Phi-3-small's published config.json; for 128k the missing trailing keys and a stand-in
+    rope_scaling. No auto_map: phi3edge.phi3_small is the model code, nothing remote."""
+    config = copy.deepcopy(member.published_config())
+    config.pop("auto_map", None)
+    if member.uses_longrope:
+        for key, value in _SMALL_LONG_TRAILING.items():
+            config.setdefault(key, value)
+        config.setdefault("rope_scaling", small_128k_rope_scaling_stand_in(member.head_dim))
+    config["phi3edge_catalog_id"] = member.id
+    return config
+
+
 def write_random_checkpoint(
     member_id: str, out: str | Path, size: str = "tiny", seed: int = 0, layers: int | None = None
 ) -> Path:
@@ -150,7 +208,12 @@ def write_random_checkpoint(
     with staged_folder(out) as staging:
         rng = torch.Generator().manual_seed(seed)
         shards: dict[str, str] = {}
-        for index, tensors in enumerate(_random_tensors(config, rng, bf16=full)):
+        tensor_groups = (
+            _random_small_tensors(config, rng, bf16=full)
+            if member.architecture == SMALL
+            else _random_tensors(config, rng, bf16=full)
+        )
+        for index, tensors in enumerate(tensor_groups):
             name = f"model-{index:05d}.safetensors"
             save_file(tensors, str(staging / name), metadata={"format": "pt"})
             shards.update(dict.fromkeys(tensors, name))
@@ -159,11 +222,12 @@ def write_random_checkpoint(
         (staging / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=1))
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         generation = catalog.load_data_json("generation-configs.json")
-        gen = (generation.get(member.hf_id.split("/")[1]) or {}).get("current") or {
-            "bos_token_id": 1,
-            "eos_token_id": [32000, 32001, 32007],
-            "pad_token_id": 32000,
-        }
+        fallback = (
+            _SMALL_GENERATION
+            if member.architecture == SMALL
+            else {"bos_token_id": 1, "eos_token_id": [32000, 32001, 32007], "pad_token_id": 32000}
+        )
+        gen = (generation.get(member.hf_id.split("/")[1]) or {}).get("current") or fallback
         gen = {k: v for k, v in gen.items() if k != "transformers_version"}
         (staging / "generation_config.json").write_text(json.dumps(gen, indent=2))
         templates = catalog.chat_templates()
@@ -172,8 +236,14 @@ def write_random_checkpoint(
             templates[member.hf_id.split("/")[1]]["chat_template"]
             or templates["Phi-3.5-mini-instruct"]["chat_template"]
         )
-        build_phi3_tokenizer().save(str(staging / "tokenizer.json"))
-        tokenizer_config = phi3_tokenizer_config(template, config["max_position_embeddings"])
+        if member.architecture == SMALL:
+            build_phi3_small_tokenizer().save(str(staging / "tokenizer.json"))
+            tokenizer_config = phi3_small_tokenizer_config(
+                template, config["max_position_embeddings"]
+            )
+        else:
+            build_phi3_tokenizer().save(str(staging / "tokenizer.json"))
+            tokenizer_config = phi3_tokenizer_config(template, config["max_position_embeddings"])
         (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     return out
 
@@ -230,3 +300,48 @@ def _random_tensors(config: dict[str, Any], rng: Any, bf16: bool) -> Iterator[di
     if moe:
         last.update({"model.norm.bias": normal(hidden), "lm_head.bias": normal(vocab)})
     yield last
+
+
+def _random_small_tensors(config: dict[str, Any], rng: Any, bf16: bool) -> Iterator[dict[str, Any]]:
+    """Phi3SmallForCausalLM's tensors in the published naming (fused, per-KV-head-grouped
+    query_key_value; LayerNorms and projections with bias; lm_head tied to the embeddings, so
+    absent), grouped per layer."""
+    import torch
+
+    from phi3edge.phi3_small import Phi3SmallConfig, state_dict_names
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    small = Phi3SmallConfig.from_dict(config)
+    std = config.get("initializer_range", 0.02)
+    hidden, heads, kv_heads = (
+        small.hidden_size,
+        small.num_attention_heads,
+        small.num_key_value_heads,
+    )
+    shapes = {
+        "input_layernorm": (hidden,),
+        "post_attention_layernorm": (hidden,),
+        "self_attn.query_key_value": ((heads + 2 * kv_heads) * small.head_dim, hidden),
+        "self_attn.dense": (hidden, hidden),
+        "mlp.up_proj": (2 * small.intermediate_size, hidden),
+        "mlp.down_proj": (hidden, small.intermediate_size),
+    }
+
+    def tensor(name: str) -> Any:
+        if name == "model.embed_tokens.weight":
+            return (torch.randn(small.vocab_size, hidden, generator=rng) * std).to(dtype)
+        module, kind = name.rsplit(".", 1)
+        key = module.split(".", 3)[-1] if module.startswith("model.layers.") else module
+        shape = (hidden,) if key == "model.final_layernorm" else shapes[key]
+        if kind == "bias":
+            return (torch.randn(shape[0], generator=rng) * std).to(dtype)
+        if key.endswith("layernorm"):
+            return (1.0 + 0.1 * torch.randn(shape, generator=rng)).to(dtype)
+        return (torch.randn(shape, generator=rng) * std).to(dtype)
+
+    layers: dict[str, dict[str, Any]] = {}
+    for name in state_dict_names(small):  # module order: embeddings, layers, final norm
+        group = ".".join(name.split(".")[:3]) if name.startswith("model.layers.") else name
+        layers.setdefault(group, {})[name] = tensor(name)
+        if not name.startswith("model.layers.") or len(layers[group]) == 12:
+            yield layers.pop(group)

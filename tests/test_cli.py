@@ -49,8 +49,8 @@ def test_random_checkpoint_command(tmp_path: Path, capsys) -> None:
     assert main(["random-checkpoint", "phi-3.5-mini", str(tmp_path / "ck")]) == 0
     config = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert config["rope_scaling"]["type"] == "longrope"
-    assert main(["random-checkpoint", "phi-3-small-8k", str(tmp_path / "small")]) == 2
-    assert "modeling code" in capsys.readouterr().err
+    assert main(["random-checkpoint", "phi-3-medium-128k", str(tmp_path / "m")]) == 2
+    assert "rope lists incomplete" in capsys.readouterr().err
 
 
 def test_info_on_a_folder_that_is_not_an_export(tmp_path: Path, capsys) -> None:

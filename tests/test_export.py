@@ -57,14 +57,17 @@ def test_not_a_phi3_checkpoint(capsys: pytest.CaptureFixture, tmp_path: Path) ->
     assert "not a Phi-3" in _cli_error(capsys, "export", str(src), str(tmp_path / "out"))
 
 
-def test_member_without_cpu_export(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+def test_phi_3_small_without_tokenizer_json_is_refused_before_export(
+    capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    """A published Phi-3-small ships tiktoken's file, not tokenizer.json: say so up front."""
     from phi3edge import catalog
 
     src = tmp_path / "small"
     src.mkdir()
     (src / "config.json").write_text(json.dumps(catalog.get("phi-3-small-8k").published_config()))
     err = _cli_error(capsys, "export", str(src), str(tmp_path / "out"))
-    assert "phi-3-small-8k cannot be exported for CPU" in err
+    assert "no tokenizer.json" in err and "cl100k_base" in err
 
 
 def test_non_empty_output(capsys: pytest.CaptureFixture, tmp_path: Path, model_factory) -> None:

@@ -57,8 +57,11 @@ def test_layers_override_and_its_bounds(tmp_path: Path) -> None:
 
 
 def test_unbuildable_members_say_why() -> None:
-    with pytest.raises(ValueError, match="modeling code"):
-        fixtures.checkpoint_config("phi-3-small-8k")
+    with pytest.raises(ValueError, match="rope lists incomplete"):
+        fixtures.checkpoint_config("phi-3-medium-128k")
+    assert set(fixtures.buildable_members()) == {m.id for m in catalog.CATALOG} - {
+        "phi-3-medium-128k"
+    }
 
 
 def test_special_tokens_sit_at_their_real_ids(model_factory: Callable[..., Path]) -> None:
