@@ -1,9 +1,9 @@
 """Run onnxruntime-genai's model builder one checkpoint module at a time.
 
-Input: the builder module (``export.load_builder()``), a scratch folder on the output's disk and a
-progress callback, given to the ``streaming`` context manager. Any builder model class that keeps
-the base class's ``load_weights``, ``to_nbits`` and ``save_model`` (Phi-3, Phi-3.5 and our Phi-3.5-MoE
-subclass do) is then built like this:
+Input: the builder module (``export.load_builder()``), a scratch folder on the output's disk and
+a progress callback, given to the ``streaming`` context manager. Any builder model class that
+keeps the base class's ``load_weights``, ``to_nbits`` and ``save_model`` (Phi-3, Phi-3.5 and our
+Phi-3.5-MoE subclass do) is then built like this:
 
 1. ``load_weights`` returns the transformers model built on the meta device, from the checkpoint's
    config, with the class and dtype ``from_pretrained`` would give. Each unit the builder emits (the
@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 SCRATCH_FILE = "tensors.bin"
+WEIGHT_FILE = "weight.bin"  # the float weight being quantized, one at a time
 DROPPED = "phi3edge-quantized-float-weight"  # placeholder location of a float weight: never read
 QUANTIZED_DTYPES = ("INT4", "UINT4", "INT8", "UINT8")
 
@@ -59,7 +60,8 @@ class StreamStats:
     units: int = 0
     peak_params: int = 0  # parameters materialized at once
     peak_param_bytes: int = 0
-    leaked_tensors: int = 0  # materialized tensors still alive after their unit was released
+    leaked_tensors: int = 0  # materialized parameters still alive after their unit's release
+    mapped_checkpoint_bytes: int = 0  # of shard files still mapped after a release (Linux)
     quantized: int = 0  # weights quantized as they streamed
     replayed: int = 0  # of those, replayed into the final graph
     scratch_bytes: int = 0  # written to the scratch file
@@ -182,6 +184,7 @@ class Checkpoint:
         return torch.get_default_dtype()
 
     def close(self) -> None:
+        """Drop the open shards (their mappings with them); ``read`` reopens as needed."""
         self._handles.clear()
 
 
@@ -249,6 +252,22 @@ class _Scratch:
             name=tensor.name,
             base_dir=str(self.folder),
         )
+
+    def write_temporary(self, tensor: Any, name: str) -> Any:
+        """``tensor`` alone in file ``name`` (counted in the scratch peak while it exists)."""
+        import onnx_ir as ir
+
+        with open(self.folder / name, "wb") as file:
+            tensor.tofile(file) if hasattr(tensor, "tofile") else file.write(tensor.tobytes())
+            written = file.tell()
+        if written != tensor.nbytes:
+            raise StreamingError(f"{tensor.name}: wrote {written} of {tensor.nbytes} bytes")
+        live = self._stats.scratch_bytes - self._punched + written
+        self._stats.peak_scratch_bytes = max(self._stats.peak_scratch_bytes, live)
+        return ir.ExternalTensor(
+            name, 0, written, tensor.dtype, shape=ir.Shape(tensor.shape), name=tensor.name,
+            base_dir=str(self.folder),
+        )  # fmt: skip
 
     def write_bytes(self, data: bytes) -> int:
         offset = self.size
@@ -456,24 +475,31 @@ class _Session:
                 )
             if tensor.dtype != meta.dtype and tensor.is_floating_point():
                 tensor = tensor.to(meta.dtype)  # as from_pretrained casts to the model's dtype
-            owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=meta.requires_grad)
+            param = torch.nn.Parameter(tensor, requires_grad=meta.requires_grad)
+            owner._parameters[leaf] = param
+            self.alive.append(weakref.ref(param))  # must die once the unit is released
             nbytes += tensor.numel() * tensor.element_size()
+        self.checkpoint.close()  # no shard stays mapped between units
         self.stats.units += 1
         self.stats.peak_params = max(self.stats.peak_params, len(unit.params))
         self.stats.peak_param_bytes = max(self.stats.peak_param_bytes, nbytes)
         return unit
 
     def _free(self, unit: _Unit) -> None:
+        """Put every parameter and buffer under the unit back on the meta device, including
+        those the builder attached while emitting it (its unpacked ``mlp.gate_proj`` and
+        ``up_proj`` are views of ``gate_up_proj``)."""
         import torch
 
-        for owner, leaf, _ in unit.params:
-            param = owner._parameters[leaf]
-            if param.device.type != "meta":
-                self.alive.append(weakref.ref(param))  # views of it keep it alive too
-                owner._parameters[leaf] = torch.nn.Parameter(
-                    torch.empty(param.shape, dtype=param.dtype, device="meta"),
-                    requires_grad=param.requires_grad,
-                )
+        for module in unit.module.modules():
+            for slots in (module._parameters, module._buffers):
+                for leaf, tensor in slots.items():
+                    if tensor is None or tensor.device.type == "meta":
+                        continue
+                    empty = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+                    if isinstance(tensor, torch.nn.Parameter):
+                        empty = torch.nn.Parameter(empty, requires_grad=tensor.requires_grad)
+                    slots[leaf] = empty
 
     def _release(self, model: Any, unit: _Unit) -> None:
         import gc
@@ -483,6 +509,8 @@ class _Session:
         gc.collect()
         self.alive = [ref for ref in self.alive if ref() is not None]
         self.stats.leaked_tensors = max(self.stats.leaked_tensors, len(self.alive))
+        mapped = _mapped_bytes(self.checkpoint.files()) if self.checkpoint else 0
+        self.stats.mapped_checkpoint_bytes = max(self.stats.mapped_checkpoint_bytes, mapped)
 
     # -- 2. quantize and spill as the units come --------------------------------------------------
 
@@ -532,18 +560,27 @@ class _Session:
             or len(weight.uses()) != 1
         ):
             return  # no float weight of its own: the final pass handles it as the stock one does
-        mini = _one_node_model(model.model, node, index)
+        # The weight goes to a file of its own, referenced as external data, as the stock path
+        # would serialize it (same bytes): the quantizer then reads it memory-mapped instead of
+        # through three in-memory copies (contiguous, bytes, protobuf).
+        tensor = weight.const_value
+        spilled = self.scratch.write_temporary(tensor, WEIGHT_FILE)
+        mini = _one_node_model(model.model, node, index, spilled)
         before = len(self.records)
         whole = model.model
         model.model = mini
         self.mode = "record"
+        cwd = os.getcwd()
+        os.chdir(self.scratch.folder)  # the quantizer resolves external data against the cwd
         try:
             _ORIGINALS["to_nbits"](model)
         finally:
+            os.chdir(cwd)
             self.mode = None
             model.model = whole
+            spilled.release()
+            (self.scratch.folder / WEIGHT_FILE).unlink()
         if len(self.records) > before:
-            tensor = weight.const_value
             weight.const_value = ir.ExternalTensor(
                 DROPPED, 0, tensor.nbytes, tensor.dtype, shape=ir.Shape(tensor.shape),
                 name=tensor.name,
@@ -679,6 +716,23 @@ class _Session:
                 value.const_value = consumed
 
 
+def _mapped_bytes(files: list[Path]) -> int:
+    """Bytes of ``files`` mapped into this process (safetensors maps the tensors it returns, so
+    a mapping that outlives its unit is a leaked tensor); 0 where /proc is missing."""
+    names = {str(f.resolve()) for f in files}
+    total = 0
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].strip() in names:
+                    start, end = (int(x, 16) for x in parts[0].split("-"))
+                    total += end - start
+    except OSError:
+        return 0
+    return total
+
+
 def _will_quantize(model: Any) -> bool:
     """The stock ``save_model``'s condition for running ``to_nbits``."""
     already_qdq = model.quant_type is not None and model.quant_attrs["use_qdq"]
@@ -700,8 +754,8 @@ def _record_key(quantizer: Any, node: Any) -> tuple[Any, ...]:
     )
 
 
-def _one_node_model(whole: Any, node: Any, weight_index: int) -> Any:
-    """A model holding a copy of ``node`` and its weight, for quantizing that node alone."""
+def _one_node_model(whole: Any, node: Any, weight_index: int, weight: Any) -> Any:
+    """A model holding a copy of ``node`` and ``weight``, for quantizing that node alone."""
     import onnx_ir as ir
 
     inputs: list[Any] = []
@@ -712,7 +766,7 @@ def _one_node_model(whole: Any, node: Any, weight_index: int) -> Any:
             continue
         copy = ir.Value(name=value.name, type=value.type, shape=value.shape)
         if i == weight_index:
-            copy.const_value = value.const_value
+            copy.const_value = weight
         else:
             graph_inputs.append(copy)
         inputs.append(copy)
