@@ -506,8 +506,10 @@ class _Session:
 
         self.flush(model)
         self._free(unit)
-        gc.collect()
         self.alive = [ref for ref in self.alive if ref() is not None]
+        if self.alive:  # only reference cycles left: collect them (a full collection is slow)
+            gc.collect()
+            self.alive = [ref for ref in self.alive if ref() is not None]
         self.stats.leaked_tensors = max(self.stats.leaked_tensors, len(self.alive))
         mapped = _mapped_bytes(self.checkpoint.files()) if self.checkpoint else 0
         self.stats.mapped_checkpoint_bytes = max(self.stats.mapped_checkpoint_bytes, mapped)
@@ -651,13 +653,14 @@ class _Session:
 
         data = ir.serde.TensorProtoTensor(proto).tobytes()
         offset = self.scratch.write_bytes(data)
-        external = onnx.TensorProto()
-        external.CopyFrom(proto)
-        for name in (
-            "raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
-            "uint64_data", "external_data",
-        ):  # fmt: skip
-            external.ClearField(name)
+        # A fresh message, not CopyFrom + ClearField: protobuf's arena would keep the cleared
+        # bytes alive as long as the message, and these messages live until the save.
+        external = onnx.TensorProto(name=proto.name, data_type=proto.data_type, dims=proto.dims)
+        if proto.HasField("doc_string"):
+            external.doc_string = proto.doc_string
+        if proto.HasField("segment"):
+            external.segment.CopyFrom(proto.segment)
+        external.metadata_props.extend(proto.metadata_props)
         external.data_location = onnx.TensorProto.EXTERNAL
         for key, value in (("location", SCRATCH_FILE), ("offset", offset), ("length", len(data))):
             entry = external.external_data.add()

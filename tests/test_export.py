@@ -233,6 +233,79 @@ def test_streaming_export_holds_one_module_at_a_time(
     assert (out / "model.onnx.data").is_file() and not list(out.glob(".phi3edge-scratch-*"))
 
 
+def _rss_anon() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_streaming_export_memory_stays_near_one_module(
+    tmp_path: Path, model_factory: Callable[..., Path]
+) -> None:
+    """A 290 MB float32 checkpoint (24 wide layers) exports with this process's anonymous memory
+    growing by well under a third of it: the stock builder holds all of it, plus float32 copies."""
+    import importlib
+    import threading
+    import time
+
+    import torch
+    from safetensors.torch import save_file
+
+    layers, inter = 24, 4096
+    src = tmp_path / "wide"
+    shutil.copytree(model_factory("phi-3-mini-4k"), src, ignore=shutil.ignore_patterns("model*"))
+    config = json.loads((src / "config.json").read_text())
+    config.update(num_hidden_layers=layers, intermediate_size=inter)
+    (src / "config.json").write_text(json.dumps(config))
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "model.embed_tokens.weight": torch.randn(vocab, hidden, generator=generator),
+        "model.norm.weight": torch.ones(hidden),
+        "lm_head.weight": torch.randn(vocab, hidden, generator=generator),
+    }
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors.update({
+            p + "input_layernorm.weight": torch.ones(hidden),
+            p + "post_attention_layernorm.weight": torch.ones(hidden),
+            p + "self_attn.qkv_proj.weight": torch.randn(3 * hidden, hidden, generator=generator),
+            p + "self_attn.o_proj.weight": torch.randn(hidden, hidden, generator=generator),
+            p + "mlp.gate_up_proj.weight": torch.randn(2 * inter, hidden, generator=generator),
+            p + "mlp.down_proj.weight": torch.randn(hidden, inter, generator=generator),
+        })  # fmt: skip
+    size = sum(t.numel() * 4 for t in tensors.values())
+    save_file(tensors, str(src / "model.safetensors"))
+    del tensors
+    out = tmp_path / "out"
+    out.mkdir()
+    export.load_builder()  # imports are not the export's memory
+    importlib.import_module("transformers.models.phi3.modeling_phi3")
+
+    start, peak, done = _rss_anon(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_anon())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        stats = export._run_builder(
+            src, out, "int4", export.Int4Options().builder_options(), lambda _: None
+        )
+    finally:
+        done.set()
+        sampler.join()
+    assert stats.streamed and stats.quantized == 5 * layers + 1
+    assert size > 280e6
+    assert peak[0] - start < size / 3, (peak[0] - start) / 1e6  # about 60 MB here
+
+
 def _tiny_phimoe(out: Path, layout: str) -> Path:
     """A tiny random transformers ``PhimoeForCausalLM`` (LayerNorm, biases, longrope, 4 experts)
     with a Phi-3 tokenizer, saved in the hub's layout (``save_pretrained`` writes
