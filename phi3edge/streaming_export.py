@@ -422,7 +422,8 @@ class _Session:
         torch_model.eval()
         layout = LAYOUTS.get(type(torch_model).__name__, _same_name)
         sources: dict[str, Source] = {}
-        tied = getattr(torch_model, "_tied_weights_keys", None) or {}
+        tied = getattr(torch_model, "_tied_weights_keys", None)  # {"lm_head.weight": "model.e…"}
+        tied = tied if isinstance(tied, dict) else {}
         tie = bool(getattr(config, "tie_word_embeddings", False))
         for name, _ in torch_model.named_parameters(remove_duplicate=False):
             options = layout(name, config)
@@ -552,6 +553,14 @@ class _Session:
 
         index = {"MatMul": 1, "Gather": 0}.get(node.op_type)
         if index is None or not node.name or len(node.inputs) <= index:
+            return
+        # to_nbits' passes quantize a node unless excluded, when its op type is listed or it has
+        # a bit width of its own (the int8 lm_head); skip the others without writing the weight
+        attrs = model.quant_attrs
+        upgraded = getattr(model, "int4_customized_weight_config", None) or {}
+        if node.name in attrs["nodes_to_exclude"] or (
+            node.op_type not in attrs["op_types_to_quantize"] and node.name not in upgraded
+        ):
             return
         weight = node.inputs[index]
         if (
