@@ -607,9 +607,14 @@ class _Session:
         key = _record_key(quantizer, node)
         if self.mode == "replay":
             record = self.records.get(key)
-            if record is None or record.weight != weight_name:
-                return original(quantizer, node, graph_stack)
-            return self._replay(record, weight_name, graph_stack)
+            if record is not None and record.weight == weight_name:
+                return self._replay(record, weight_name, graph_stack)
+            if _is_dropped(weight_name, graph_stack):
+                raise StreamingError(
+                    f"{node.name}: quantized as it streamed with other settings than the final "
+                    f"pass (bits {getattr(quantizer.config, 'bits', None)})"
+                )
+            return original(quantizer, node, graph_stack)
 
         # record: run the real quantizer, keep what it returned and added
         lengths = [len(g.initializer) for g in graph_stack]
@@ -749,6 +754,16 @@ def _will_quantize(model: Any) -> bool:
     """The stock ``save_model``'s condition for running ``to_nbits``."""
     already_qdq = model.quant_type is not None and model.quant_attrs["use_qdq"]
     return model.onnx_dtype.name in QUANTIZED_DTYPES and not already_qdq
+
+
+def _is_dropped(weight_name: str, graph_stack: list[Any]) -> bool:
+    """Whether the quantizer's graph holds ``weight_name`` as a dropped-float placeholder."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import get_initializer
+
+    tensor, _ = get_initializer(weight_name, graph_stack)
+    return tensor is not None and any(
+        entry.key == "location" and entry.value == DROPPED for entry in tensor.external_data
+    )
 
 
 def _record_key(quantizer: Any, node: Any) -> tuple[Any, ...]:
