@@ -13,7 +13,6 @@ The conversion itself is onnxruntime-genai's model builder (``onnxruntime_genai.
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import io
 import json
@@ -26,9 +25,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from phi3edge import catalog, phimoe_builder
+
+if TYPE_CHECKING:
+    from phi3edge.streaming_export import StreamStats
 
 log = logging.getLogger(__name__)
 
@@ -268,23 +270,30 @@ def _run_builder(
     options: list[str],
     say: Callable[[str], None],
     architecture: str,
-) -> None:
-    """Run onnxruntime-genai's builder, turning its prints into progress lines. Phi-3.5-MoE goes
-    through our subclass of it; Phi-3-small through the builder patched to load our reference
-    model (no remote code)."""
+) -> StreamStats:
+    """Run onnxruntime-genai's builder one checkpoint module at a time (``streaming_export``),
+    turning its prints into progress lines; returns what the streaming did. Phi-3.5-MoE goes
+    through our subclass of the builder; Phi-3-small through the builder patched to load our
+    reference model (no remote code)."""
+    from phi3edge.streaming_export import streaming
+
     builder = load_builder()
-    with tempfile.TemporaryDirectory(prefix="phi3edge-builder-cache-") as cache_dir:
+    with (
+        tempfile.TemporaryDirectory(prefix="phi3edge-builder-cache-") as cache_dir,
+        # scratch tensors live on the output's disk, inside the staging folder
+        tempfile.TemporaryDirectory(prefix=".phi3edge-scratch-", dir=out) as scratch,
+    ):
         with (
             _builder_output_as_progress(say),
             _quiet_quantizer_logs(),
-            _spill_before_quantizing(builder, Path(cache_dir), say),
+            streaming(builder, Path(scratch), say) as stats,
             contextlib.ExitStack() as stack,
         ):
             if architecture in phimoe_builder.ARCHITECTURES:
                 phimoe_builder.create_model(
                     builder, str(source_dir), str(out), precision, cache_dir, options
                 )
-                return
+                return stats
             if architecture == SMALL:
                 from phi3edge.phi3_small_export import patched_builder
 
@@ -295,43 +304,7 @@ def _run_builder(
             builder.create_model(
                 None, str(source_dir), str(out), precision, "cpu", cache_dir, **extra
             )
-
-
-@contextlib.contextmanager
-def _spill_before_quantizing(
-    builder: Any, spill_dir: Path, say: Callable[[str], None]
-) -> Iterator[None]:
-    """Keep the builder's peak memory near one copy of the weights.
-
-    The stock builder holds the PyTorch weights while its quantizer turns the whole graph into one
-    in-memory ModelProto with every weight cast to float32: about 3x the bf16 checkpoint (23.9 GB
-    for Phi-3-mini here). Before ``save_model`` we stream the unquantized graph to disk one tensor
-    at a time and reload it memory-mapped; the quantizer then reads each weight from disk as it
-    reaches it instead of holding float32 copies of all of them. The output is byte-identical.
-    """
-    model_class = builder.Model
-    original = model_class.save_model
-
-    def save_model(self: Any, out_dir: str) -> None:
-        import onnx_ir as ir
-
-        say("  spilling the unquantized graph to disk (keeps peak memory low)")
-        path = spill_dir / "unquantized.onnx"
-        ir.save(self.model, str(path), external_data=path.name + ".data", size_threshold_bytes=0)
-        self.model = ir.load(str(path))
-        gc.collect()
-        cwd = os.getcwd()
-        os.chdir(spill_dir)  # the quantizer resolves external data relative to the cwd
-        try:
-            original(self, os.path.join(cwd, out_dir))
-        finally:
-            os.chdir(cwd)
-
-    model_class.save_model = save_model
-    try:
-        yield
-    finally:
-        model_class.save_model = original
+    return stats
 
 
 class _LineForwarder(io.TextIOBase):

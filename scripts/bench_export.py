@@ -1,13 +1,18 @@
-"""Time and peak RSS of exporting a full-size random-weight Phi-3 checkpoint to INT4.
+"""Time, peak RSS and peak scratch disk of exporting a full-size random-weight Phi-3 checkpoint.
 
-Usage: python scripts/bench_export.py [--member phi-3-mini-4k] [--stock]
+Usage: python scripts/bench_export.py [--member phi-3-mini-4k] [--precision int4|fp32]
+                                      [--compare REF] [--stock]
 
 Builds (once, cached under PHI3EDGE_CACHE or ~/.cache/phi3edge/bench) a random checkpoint with the
 member's exact published architecture, then runs ``phi3edge export`` in a child process and reports
-its wall time and peak resident memory (the kernel's ru_maxrss of the child), split into anonymous
-and file-backed pages. ``--stock`` also runs onnxruntime-genai's builder exactly as its CLI does,
-for the side-by-side figure (it needs about 3x the checkpoint in RAM: 23.9 GB for Phi-3-mini, so
-run nothing else meanwhile).
+its wall time, peak resident memory (the kernel's ru_maxrss of the child, and the child's own
+samples split into anonymous and file-backed pages) and peak disk: the bytes allocated on disk
+under the export's temporary folder, which holds the output and, through TMPDIR, every scratch file
+of the exporter (holes punched in a file count as freed). Scratch = that peak minus the finished
+output's size. ``--compare REF`` also runs ``phi3edge export`` as it was at git ref REF (say, the
+commit before the streaming export) for the old-vs-new figure; ``--stock`` runs onnxruntime-genai's
+builder exactly as its CLI does (it needs about 3x the checkpoint in RAM: 23.9 GB for Phi-3-mini, so
+run nothing else meanwhile). Outputs are compared byte for byte.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -26,43 +32,62 @@ from pathlib import Path
 from phi3edge import fixtures
 from phi3edge.cli import cache_dir
 
-# Each exporter runs in a child that samples its own /proc/self/status, so the peak splits into
-# anonymous memory (what must fit in RAM) and file-backed pages (mapped weights and spill files,
-# which the kernel can drop and re-read under pressure).
+REPO = Path(__file__).resolve().parents[1]
+
+# Each exporter runs in a child that samples its own /proc/self/status (anonymous memory is what
+# must fit in RAM; file-backed pages are mapped weights and spill files the kernel can drop) and
+# the disk blocks allocated under the work folder.
 SAMPLED = """
-import json, sys, threading, time
-peak = {"RssAnon": 0, "RssFile": 0}
+import json, os, sys, threading, time
+peak = {"RssAnon": 0, "RssFile": 0, "disk": 0}
+report, src, out, cache, work = sys.argv[1:6]
+def allocated(root):
+    total = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
 def sample():
     while True:
         with open("/proc/self/status") as status:
             for line in status:
                 key, _, value = line.partition(":")
-                if key in peak:
-                    peak[key] = max(peak[key], int(value.split()[0]))
-        time.sleep(0.1)
+                if key in ("RssAnon", "RssFile"):
+                    peak[key] = max(peak[key], int(value.split()[0]) * 1024)
+        peak["disk"] = max(peak["disk"], allocated(work))
+        time.sleep(0.2)
 threading.Thread(target=sample, daemon=True).start()
-report, src, out, cache = sys.argv[1:5]
 try:
     CODE
 finally:
     open(report, "w").write(json.dumps(peak))
 """
-OURS = "from phi3edge.cli import main; main(['export', src, out])"
+OURS = "from phi3edge.cli import main; assert main(['export', src, out, *PRECISION]) == 0"
 STOCK = (
     "from phi3edge.export import load_builder; builder = load_builder(); "
-    "extra = builder.parse_extra_options(None, src, out, 'int4', 'cpu', cache, ['block_size=32']); "
-    "builder.create_model(None, src, out, 'int4', 'cpu', cache, **extra)"
+    "extra = builder.parse_extra_options(None, src, out, PRECISION, 'cpu', cache, OPTIONS); "
+    "builder.create_model(None, src, out, PRECISION, 'cpu', cache, **extra)"
 )
+GB = 1e9
 
 
-def run_child(code: str, src: Path, out: Path, tmp: str) -> tuple[float, float, float, float]:
-    """Run one exporter in a child; (seconds, peak RSS, peak anonymous, peak file-backed) in GB."""
-    report = Path(tmp) / "peak.json"
+def run_child(code: str, src: Path, out: Path, work: Path, pythonpath: Path) -> dict[str, float]:
+    """Run one exporter in a child; seconds, peak RSS / anonymous / file-backed, peak disk and
+    scratch (GB)."""
+    work.mkdir(parents=True)
+    (work / "tmp").mkdir()
+    report = work.parent / f"{work.name}-peak.json"
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.monotonic()
     program = SAMPLED.replace("CODE", code)
-    argv = [sys.executable, "-c", program, str(report), str(src), str(out), tmp + "/cache"]
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    argv = [sys.executable, "-c", program, str(report), str(src), str(out), str(work / "cache")]
+    argv.append(str(work))
+    env = {**os.environ, "TMPDIR": str(work / "tmp"), "PYTHONPATH": str(pythonpath)}
+    # cwd=work: ``python -c`` puts the cwd first on sys.path, which must not shadow ``pythonpath``
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=env, cwd=work)
     seconds = time.monotonic() - started
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if peak_kb <= before:
@@ -70,13 +95,33 @@ def run_child(code: str, src: Path, out: Path, tmp: str) -> tuple[float, float, 
             "warning: an earlier child had a higher peak; figure is a lower bound", file=sys.stderr
         )
     sampled = json.loads(report.read_text())
-    gb = 1024 * 1024
-    return seconds, peak_kb / gb, sampled["RssAnon"] / gb, sampled["RssFile"] / gb
+    output = sum(p.stat().st_blocks * 512 for p in out.iterdir() if p.is_file())
+    return {
+        "time": seconds,
+        "rss": peak_kb * 1024 / GB,
+        "anon": sampled["RssAnon"] / GB,
+        "file": sampled["RssFile"] / GB,
+        "disk": sampled["disk"] / GB,
+        "scratch": max(0, sampled["disk"] - output) / GB,
+        "output": output / GB,
+    }
+
+
+def checkout(ref: str, into: Path) -> Path:
+    """The phi3edge package as it was at git ``ref``, extracted under ``into``."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", ref, "phi3edge"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--member", default="phi-3-mini-4k")
+    parser.add_argument("--precision", default="int4", choices=("int4", "fp32"))
+    parser.add_argument("--compare", metavar="REF", help="also measure phi3edge export at REF")
     parser.add_argument("--stock", action="store_true", help="also measure the stock builder")
     args = parser.parse_args()
 
@@ -86,28 +131,46 @@ def main() -> None:
         started = time.monotonic()
         fixtures.write_random_checkpoint(args.member, checkpoint, size="full")
         print(f"  {time.monotonic() - started:.0f} s")
-    size_gb = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors")) / 1e9
+    size_gb = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors")) / GB
 
+    flags = ["--precision", args.precision]
+    ours = OURS.replace("*PRECISION", ", ".join(repr(f) for f in flags))
+    stock = STOCK.replace("PRECISION", repr(args.precision))
+    stock = stock.replace("OPTIONS", repr(["block_size=32"] if args.precision == "int4" else []))
+    runs: list[tuple[str, str, Path]] = [("phi3edge export", ours, REPO)]
+    rows: list[tuple[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory(dir=checkpoint.parent) as tmp:
-        ours_dir = Path(tmp) / "ours"
-        rows = [("phi3edge export", *run_child(OURS, checkpoint, ours_dir, tmp))]
-        onnx_gb = sum(p.stat().st_size for p in ours_dir.iterdir()) / 1e9
+        root = Path(tmp)
+        if args.compare:
+            old = checkout(args.compare, root / "old-tree")
+            runs.append((f"export @{args.compare[:10]}", ours, old))
         if args.stock:
-            stock_dir = Path(tmp) / "stock"
-            rows.append(("stock builder", *run_child(STOCK, checkpoint, stock_dir, tmp)))
-            same = all(
-                filecmp.cmp(ours_dir / name, stock_dir / name, shallow=False)
-                for name in ("model.onnx", "model.onnx.data")
-            )
-            print(f"outputs byte-identical: {same}")
-        shutil.rmtree(ours_dir)
+            runs.append(("stock builder", stock, REPO))
+        outputs = []
+        for i, (name, code, pythonpath) in enumerate(runs):
+            work = root / f"work{i}"
+            out = work / "out"
+            print(f"running {name} ...", flush=True)
+            rows.append((name, run_child(code, checkpoint, out, work, pythonpath)))
+            outputs.append(out)
+            if i > 0:  # keep the disk free for the next run: compare, then drop
+                same = all(
+                    filecmp.cmp(outputs[0] / f, out / f, shallow=False)
+                    for f in ("model.onnx", "model.onnx.data", "genai_config.json")
+                )
+                print(f"  output byte-identical to {runs[0][0]}'s: {same}")
+                shutil.rmtree(work)
 
-    print(f"\n{args.member}: bf16 checkpoint {size_gb:.2f} GB -> INT4 ONNX folder {onnx_gb:.2f} GB")
-    print(f"{'exporter':<18}{'time':>8}{'peak RSS':>10}{'anonymous':>11}{'file-backed':>13}")
-    for name, secs, rss, anon, file in rows:
-        print(f"{name:<18}{secs:>7.0f}s{rss:>7.1f} GB{anon:>8.1f} GB{file:>10.1f} GB")
-    if len(rows) == 2:
-        print(f"peak RSS ratio ours/stock: {rows[0][2] / rows[1][2]:.2f}")
+    onnx_gb = rows[0][1]["output"]
+    print(
+        f"\n{args.member}: bf16 checkpoint {size_gb:.2f} GB -> {args.precision} ONNX folder "
+        f"{onnx_gb:.2f} GB"
+    )
+    head = f"{'exporter':<26}{'time':>7}{'peak RSS':>10}{'anon':>8}{'file':>8}"
+    print(head + f"{'peak disk':>11}{'scratch':>9}")
+    for name, r in rows:
+        memory = f"{r['rss']:>7.1f} GB{r['anon']:>5.1f} GB{r['file']:>5.1f} GB"
+        print(f"{name:<26}{r['time']:>6.0f}s{memory}{r['disk']:>8.1f} GB{r['scratch']:>6.1f} GB")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -136,22 +139,287 @@ def test_progress_is_reported(tmp_path: Path, model_factory) -> None:
     assert lines[-1].startswith("done in")
 
 
-def test_low_memory_export_is_byte_identical_to_the_stock_builder(
-    tmp_path: Path, model_factory: Callable[..., Path]
-) -> None:
-    """Our spill-before-quantize path must not change a single byte of the model."""
+def _stock_export(checkpoint: Path, out: Path, precision: str, options: list[str]) -> Path:
+    """onnxruntime-genai's builder exactly as its CLI runs it (whole model in memory)."""
+    builder = export.load_builder()
+    cache = str(out.parent / f"{out.name}-cache")
+    extra = builder.parse_extra_options(
+        None, str(checkpoint), str(out), precision, "cpu", cache, options
+    )
+    builder.create_model(None, str(checkpoint), str(out), precision, "cpu", cache, **extra)
+    return out
+
+
+def _assert_same_files(a: Path, b: Path) -> None:
     import filecmp
 
-    builder = export.load_builder()
-    checkpoint = str(model_factory("phi-3-mini-4k"))
-    stock = tmp_path / "stock"
-    extra = builder.parse_extra_options(
-        None, checkpoint, str(stock), "int4", "cpu", str(tmp_path / "c"), ["block_size=32"]
-    )
-    builder.create_model(None, checkpoint, str(stock), "int4", "cpu", str(tmp_path / "c"), **extra)
-    ours = export.export(checkpoint, tmp_path / "ours", progress=lambda _: None)
     for name in ("model.onnx", "model.onnx.data", "genai_config.json"):
-        assert filecmp.cmp(stock / name, ours / name, shallow=False), name
+        assert filecmp.cmp(a / name, b / name, shallow=False), name
+
+
+MIXED = export.Int4Options(lm_head="int8", embeddings="int4")
+
+
+@pytest.mark.parametrize(
+    ("precision", "int4"),
+    [("int4", None), ("int4", MIXED), ("fp32", None)],
+    ids=["int4", "int4-lm_head-int8-embeddings-int4", "fp32"],
+)
+def test_streaming_export_is_byte_identical_to_the_stock_builder(
+    tmp_path: Path, model_factory: Callable[..., Path], precision: str, int4: Any
+) -> None:
+    """Streaming the checkpoint module by module and quantizing each weight as it comes must not
+    change a single byte of the model (the int8 lm_head pass and int4 embeddings included)."""
+    checkpoint = model_factory("phi-3-mini-4k")
+    if int4 is None:
+        ours = model_factory("phi-3-mini-4k", precision)  # the session's export
+    else:
+        ours = export.export(checkpoint, tmp_path / "ours", int4=int4, progress=lambda _: None)
+    options = (int4 or export.Int4Options()).builder_options() if precision == "int4" else []
+    _assert_same_files(_stock_export(checkpoint, tmp_path / "stock", precision, options), ours)
+
+
+def _deeper_checkpoint(tiny: Path, out: Path, layers: int) -> Path:
+    """The tiny checkpoint with ``layers`` decoder layers (copies of its own, renamed)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny, out, ignore=shutil.ignore_patterns("*.safetensors*"))
+    tensors: dict[str, Any] = {}
+    for shard in sorted(tiny.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    for layer in range(2, layers):
+        for key in [k for k in tensors if k.startswith(f"model.layers.{layer % 2}.")]:
+            tensors[key.replace(f"layers.{layer % 2}.", f"layers.{layer}.", 1)] = tensors[key]
+    save_file({k: v.clone() for k, v in tensors.items()}, str(out / "model.safetensors"))
+    config = json.loads((out / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_streaming_export_holds_one_module_at_a_time(
+    tmp_path: Path, model_factory: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted from outside, every time the builder emits a decoder layer: only that layer's
+    parameters are real (the rest of the model is on the meta device), no earlier weight is
+    still in the graph's memory, and every released parameter has been garbage-collected."""
+    import onnx_ir as ir
+
+    layers = 6
+    checkpoint = _deeper_checkpoint(model_factory("phi-3-mini-4k"), tmp_path / "deep", layers)
+    builder = export.load_builder()
+    seen: list[tuple[int, int, int, int]] = []
+    make_layer = builder.Model.make_layer
+
+    def counting_make_layer(self: Any, layer_id: int, layer: Any) -> Any:
+        real = sum(p.numel() for p in self.weights.parameters() if p.device.type != "meta")
+        own = sum(p.numel() for p in layer.parameters())
+        in_memory = sum(
+            v.const_value.nbytes
+            for v in self.model.graph.initializers.values()
+            if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor)
+        )
+        seen.append((layer_id, real, own, in_memory))
+        return make_layer(self, layer_id, layer)
+
+    monkeypatch.setattr(builder.Model, "make_layer", counting_make_layer)
+    out = tmp_path / "out"
+    out.mkdir()
+    options = export.Int4Options().builder_options()
+    stats = export._run_builder(checkpoint, out, "int4", options, lambda _: None, "Phi3ForCausalLM")
+    assert [layer_id for layer_id, *_ in seen] == list(range(layers))
+    for _, real, own, in_memory in seen:
+        assert real == own  # embedding released, next layers not loaded yet
+        assert in_memory == 0  # earlier weights quantized or moved to the scratch file
+    assert stats.streamed and stats.units == layers + 3  # + embedding, final norm, lm_head
+    assert stats.leaked_tensors == 0 and stats.mapped_checkpoint_bytes == 0
+    assert stats.quantized == stats.replayed == 5 * layers + 1  # qkv, o, gate, up, down; lm_head
+    assert (out / "model.onnx.data").is_file() and not list(out.glob(".phi3edge-scratch-*"))
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_streaming_export_memory_stays_near_one_module(
+    tmp_path: Path, model_factory: Callable[..., Path]
+) -> None:
+    """A 290 MB float32 checkpoint (24 wide layers) exports with the exporting process's anonymous
+    memory growing by well under half of it: the stock builder holds all of it, plus float32
+    copies."""
+
+    import torch
+    from safetensors.torch import save_file
+
+    layers, inter = 24, 4096
+    src = tmp_path / "wide"
+    shutil.copytree(model_factory("phi-3-mini-4k"), src, ignore=shutil.ignore_patterns("model*"))
+    config = json.loads((src / "config.json").read_text())
+    config.update(num_hidden_layers=layers, intermediate_size=inter)
+    (src / "config.json").write_text(json.dumps(config))
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "model.embed_tokens.weight": torch.randn(vocab, hidden, generator=generator),
+        "model.norm.weight": torch.ones(hidden),
+        "lm_head.weight": torch.randn(vocab, hidden, generator=generator),
+    }
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors.update({
+            p + "input_layernorm.weight": torch.ones(hidden),
+            p + "post_attention_layernorm.weight": torch.ones(hidden),
+            p + "self_attn.qkv_proj.weight": torch.randn(3 * hidden, hidden, generator=generator),
+            p + "self_attn.o_proj.weight": torch.randn(hidden, hidden, generator=generator),
+            p + "mlp.gate_up_proj.weight": torch.randn(2 * inter, hidden, generator=generator),
+            p + "mlp.down_proj.weight": torch.randn(hidden, inter, generator=generator),
+        })  # fmt: skip
+    size = sum(t.numel() * 4 for t in tensors.values())
+    save_file(tensors, str(src / "model.safetensors"))
+    del tensors
+    out = tmp_path / "out"
+    out.mkdir()
+    # A fresh interpreter, so what earlier tests left in this process's heap cannot blur the peak.
+    script = tmp_path / "measure.py"
+    script.write_text(_MEASURE_EXPORT_MEMORY)
+    warm_up = model_factory("phi-3-mini-4k")
+    result = subprocess.run(
+        [sys.executable, str(script), str(src), str(out), str(warm_up), str(tmp_path / "warm")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    growth, streamed, quantized = json.loads(result.stdout.strip().splitlines()[-1])
+    assert streamed and quantized == 5 * layers + 1
+    assert size > 280e6
+    # measured 105-120 MB; the stock builder holds the whole checkpoint, plus float32 copies
+    assert growth < size / 2, growth / 1e6
+
+
+_MEASURE_EXPORT_MEMORY = """
+import json, sys, threading, time
+from pathlib import Path
+from phi3edge import export
+
+def rss_anon():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+source, out, warm_source, warm_out = (Path(a) for a in sys.argv[1:5])
+options = export.Int4Options().builder_options()
+# One tiny export first: imports and the quantizer's one-time setup are not the export's memory.
+warm_out.mkdir()
+export._run_builder(warm_source, warm_out, "int4", options, lambda _: None, "Phi3ForCausalLM")
+start, peak, done = rss_anon(), [0], threading.Event()
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss_anon())
+        time.sleep(0.005)
+
+sampler = threading.Thread(target=sample, daemon=True)
+sampler.start()
+stats = export._run_builder(source, out, "int4", options, lambda _: None, "Phi3ForCausalLM")
+done.set()
+sampler.join()
+print(json.dumps([peak[0] - start, stats.streamed, stats.quantized]))
+"""
+
+
+def _tiny_phimoe(out: Path, layout: str) -> Path:
+    """A tiny random transformers ``PhimoeForCausalLM`` (LayerNorm, biases, longrope, 4 experts)
+    with a Phi-3 tokenizer, saved in the hub's layout (``save_pretrained`` writes
+    ``block_sparse_moe.experts.N.w1/w2/w3`` and ``block_sparse_moe.gate``) or in transformers 5's
+    own (``mlp.router``, packed ``mlp.experts.gate_up_proj`` / ``down_proj``)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import PhimoeConfig, PhimoeForCausalLM
+
+    from phi3edge import catalog
+    from phi3edge.tokenizer_fixture import build_phi3_tokenizer, phi3_tokenizer_config
+
+    half = 8  # head_dim 16
+    config = PhimoeConfig(
+        vocab_size=32064, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+        attention_bias=True, lm_head_bias=True, original_max_position_embeddings=256,
+        max_position_embeddings=8192, sliding_window=8192, dtype="float32",
+        rope_scaling={
+            "type": "longrope", "rope_type": "longrope",
+            "short_factor": [1.0 + 0.05 * i for i in range(half)],
+            "long_factor": [1.0 + 0.5 * i for i in range(half)],
+            "short_mscale": 1.24, "long_mscale": 1.24, "original_max_position_embeddings": 256,
+        },
+    )  # fmt: skip
+    config.architectures = ["PhimoeForCausalLM"]
+    torch.manual_seed(0)
+    model = PhimoeForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
+    model.save_pretrained(out)
+    if layout == "transformers":
+        for shard in out.glob("*.safetensors*"):
+            shard.unlink()
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    template = catalog.chat_templates()["Phi-3.5-MoE-instruct"]["chat_template"]
+    build_phi3_tokenizer().save(str(out / "tokenizer.json"))
+    tokenizer_config = phi3_tokenizer_config(template, config.max_position_embeddings)
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["hub", "transformers"])
+def test_phimoe_parameters_stream_as_from_pretrained_loads_them(
+    tmp_path: Path, layout: str
+) -> None:
+    """Both checkpoint layouts of Phi-3.5-MoE give, parameter by parameter, exactly the tensors
+    transformers' ``from_pretrained`` (conversion_mapping's "phimoe" entry) gives."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from phi3edge.streaming_export import LAYOUTS, Checkpoint
+
+    folder = _tiny_phimoe(tmp_path / "moe", layout)
+    checkpoint = Checkpoint(folder)
+    hub_keys = any(".block_sparse_moe.experts.0.w1." in key for key in checkpoint._where)
+    assert hub_keys == (layout == "hub")
+    reference = AutoModelForCausalLM.from_pretrained(folder)
+    for name, expected in reference.state_dict().items():
+        sources = LAYOUTS["PhimoeForCausalLM"](name, reference.config)
+        source = next(s for s in sources if all(k in checkpoint for k in s.keys))
+        got = source.assemble(checkpoint.read) if source.assemble else checkpoint.read(*source.keys)
+        assert torch.equal(got, expected), name
+
+
+@pytest.mark.parametrize("layout", ["hub", "transformers"])
+def test_a_phimoe_builder_subclass_streams_byte_identical(tmp_path: Path, layout: str) -> None:
+    """The same machinery under our Phi-3.5-MoE builder subclass, which quantizes its experts
+    itself (QMoE) during make_layer: streamed or not, the same bytes."""
+    from phi3edge import phimoe_builder
+    from phi3edge.streaming_export import streaming
+
+    builder = export.load_builder()
+    folder = str(_tiny_phimoe(tmp_path / "moe", layout))
+    options = ["moe_quant_type=int4", "qmoe_block_size=32", *export.Int4Options().builder_options()]
+    phimoe_builder.create_model(
+        builder, folder, str(tmp_path / "stock"), "int4", str(tmp_path / "c1"), options
+    )
+    with streaming(builder, tmp_path / "scratch") as stats:
+        phimoe_builder.create_model(
+            builder, folder, str(tmp_path / "ours"), "int4", str(tmp_path / "c2"), options
+        )
+    _assert_same_files(tmp_path / "stock", tmp_path / "ours")
+    assert stats.streamed and stats.leaked_tensors == 0
+    assert stats.quantized == 5  # qkv and o of both layers, lm_head; experts and router are not
 
 
 def test_a_checkpoint_of_no_published_shape_exports_with_a_warning(

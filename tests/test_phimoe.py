@@ -226,11 +226,22 @@ def test_token_by_token_decoding_matches_transformers_with_a_cache(
 def test_the_hub_layout_and_transformers_layout_export_the_same_model(
     model_factory: Callable[..., Path], checkpoint: Path, tmp_path: Path
 ) -> None:
-    """The published checkpoint stores w1/w2/w3 per expert; transformers 5 saves packed
-    gate_up_proj / down_proj. Both must give the same ONNX weights."""
+    """The published checkpoint stores w1/w2/w3 per expert; transformers 5's own module layout
+    packs them into gate_up_proj / down_proj (its save_pretrained converts back to the hub
+    layout, so that layout is written here directly). Both must give the same ONNX weights."""
+    from safetensors.torch import save_file
+
     resaved = tmp_path / "resaved"
-    _reference(checkpoint).save_pretrained(resaved)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    resaved.mkdir()
+    state = {k: v.contiguous() for k, v in _reference(checkpoint).state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+    save_file(state, str(resaved / "model.safetensors"), metadata={"format": "pt"})
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ):
         shutil.copy(checkpoint / name, resaved / name)
     ours = export.export(resaved, tmp_path / "out", progress=print)
     reference = model_factory(MEMBER, "int4")
