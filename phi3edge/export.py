@@ -345,7 +345,8 @@ def _spill_before_quantizing(
 
 
 class _LineForwarder(io.TextIOBase):
-    """A stdout stand-in that forwards the builder's 'Reading layer N' lines as progress."""
+    """A stdout stand-in that forwards the builder's 'Reading layer N' lines as progress (and
+    Phi-3-small's 'tokenizer.json converted from ...')."""
 
     def __init__(self, say: Callable[[str], None]) -> None:
         self._say = say
@@ -356,7 +357,9 @@ class _LineForwarder(io.TextIOBase):
         while "\n" in self._buffer:
             line, self._buffer = self._buffer.split("\n", 1)
             line = line.strip()
-            if line.startswith(("Reading", "Saving GenAI", "Saving ONNX", "Quantizing")):
+            if line.startswith(
+                ("Reading", "Saving GenAI", "Saving ONNX", "Quantizing", "tokenizer.json")
+            ):
                 self._say(f"  builder: {line}")
         return len(text)
 
