@@ -62,8 +62,8 @@ class FamilyMember:
 _NO_SYSTEM = False
 
 _SMALL_NOTE = (
-    "through our own PyTorch reference (phi3edge.phi3_small; no remote code); a published "
-    "checkpoint ships tiktoken's cl100k_base file, not yet converted to tokenizer.json"
+    "through our own PyTorch reference (phi3edge.phi3_small; no remote code); the published "
+    "cl100k_base.tiktoken is converted to tokenizer.json at export"
 )
 
 CATALOG: tuple[FamilyMember, ...] = (

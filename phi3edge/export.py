@@ -162,11 +162,20 @@ def export(
         moe_experts = moe_experts or ("int4" if precision == "int4" else "int8")
         if moe_experts not in MOE_EXPERTS:
             raise ExportError(f"moe experts must be one of {MOE_EXPERTS}, not {moe_experts!r}")
-    if member.architecture == SMALL and not (source_dir / "tokenizer.json").is_file():
+    if member.architecture == SMALL and not any(
+        (source_dir / name).is_file() for name in ("tokenizer.json", "cl100k_base.tiktoken")
+    ):
         raise ExportError(
-            f"{source}: no tokenizer.json; a published Phi-3-small ships tiktoken's cl100k_base "
-            "file, which phi3edge cannot convert yet"
+            f"{source}: no tokenizer: a Phi-3-small checkpoint needs tiktoken's "
+            "cl100k_base.tiktoken (as published; converted at export) or a tokenizer.json"
         )
+    if member.architecture == SMALL and not (source_dir / "tokenizer.json").is_file():
+        from phi3edge import tiktoken_convert
+
+        try:  # a malformed file fails here, not after the weights are exported
+            tiktoken_convert.read_phi3_small_ranks(source_dir / tiktoken_convert.TIKTOKEN_FILE)
+        except tiktoken_convert.TiktokenFileError as exc:
+            raise ExportError(str(exc)) from None
     if not _has_chat_template(source_dir):
         raise ExportError(
             f"{source}: the checkpoint has no chat template (tokenizer_config.json "
@@ -229,7 +238,8 @@ def _resolve_source(source: str, say: Callable[[str], None]) -> Path:
 
         return Path(
             snapshot_download(
-                source, allow_patterns=["*.json", "*.jinja", "*.safetensors", "*.model"]
+                source,
+                allow_patterns=["*.json", "*.jinja", "*.safetensors", "*.model", "*.tiktoken"],
             )
         )
     except Exception as exc:  # network, auth, missing repo: all one line for the user
@@ -308,7 +318,8 @@ def _run_builder(
 
 
 class _LineForwarder(io.TextIOBase):
-    """A stdout stand-in that forwards the builder's 'Reading layer N' lines as progress."""
+    """A stdout stand-in that forwards the builder's 'Reading layer N' lines as progress (and
+    Phi-3-small's 'tokenizer.json converted from ...')."""
 
     def __init__(self, say: Callable[[str], None]) -> None:
         self._say = say
@@ -319,7 +330,9 @@ class _LineForwarder(io.TextIOBase):
         while "\n" in self._buffer:
             line, self._buffer = self._buffer.split("\n", 1)
             line = line.strip()
-            if line.startswith(("Reading", "Saving GenAI", "Saving ONNX", "Quantizing")):
+            if line.startswith(
+                ("Reading", "Saving GenAI", "Saving ONNX", "Quantizing", "tokenizer.json")
+            ):
                 self._say(f"  builder: {line}")
         return len(text)
 

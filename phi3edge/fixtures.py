@@ -3,7 +3,9 @@
 Input: a catalog id, a size (``full`` = the published architecture, ``tiny`` = same class, rope
 type, LongRoPE factor shape and grouped-query layout with a few narrow layers) and an output folder.
 Output: an ordinary Hugging Face folder (config.json, generation_config.json, model.safetensors,
-tokenizer.json, tokenizer_config.json) that loads through exactly the code a real checkpoint does.
+tokenizer.json, tokenizer_config.json; for Phi-3-small cl100k_base.tiktoken and
+special_tokens_map.json instead of tokenizer.json, as published) that loads through exactly the
+code a real checkpoint does.
 Errors: ``UnknownModelError`` for a name outside the family, ``ValueError`` for members whose
 architecture cannot be built here (see the catalog's ``cpu_note``), ``FileExistsError`` for a
 non-empty output folder.
@@ -22,9 +24,11 @@ from typing import Any
 
 from phi3edge import catalog
 from phi3edge.export import SMALL, staged_folder
+from phi3edge.tiktoken_convert import TIKTOKEN_FILE, write_ranks
 from phi3edge.tokenizer_fixture import (
-    build_phi3_small_tokenizer,
+    PHI3_SMALL_SPECIAL_TOKENS_MAP,
     build_phi3_tokenizer,
+    phi3_small_stand_in_ranks,
     phi3_small_tokenizer_config,
     phi3_tokenizer_config,
 )
@@ -237,10 +241,14 @@ def write_random_checkpoint(
             or templates["Phi-3.5-mini-instruct"]["chat_template"]
         )
         if member.architecture == SMALL:
-            build_phi3_small_tokenizer().save(str(staging / "tokenizer.json"))
+            # As published: tiktoken's file and the remote tokenizer's config, no tokenizer.json
+            # (the export converts it, as it does a real checkpoint's).
+            write_ranks(phi3_small_stand_in_ranks(), staging / TIKTOKEN_FILE)
             tokenizer_config = phi3_small_tokenizer_config(
                 template, config["max_position_embeddings"]
             )
+            special_map = json.dumps(PHI3_SMALL_SPECIAL_TOKENS_MAP, indent=2)
+            (staging / "special_tokens_map.json").write_text(special_map)
         else:
             build_phi3_tokenizer().save(str(staging / "tokenizer.json"))
             tokenizer_config = phi3_tokenizer_config(template, config["max_position_embeddings"])

@@ -1,7 +1,8 @@
 """onnxruntime-genai's builder, made to export Phi-3-small for CPU from our reference model.
 
-Input: a Phi-3-small checkpoint folder (config.json, safetensors, tokenizer.json), an output
-folder, a precision and the builder's KEY=VALUE options.
+Input: a Phi-3-small checkpoint folder (config.json, safetensors, cl100k_base.tiktoken or
+tokenizer.json, tokenizer_config.json), an output folder, a precision and the builder's KEY=VALUE
+options.
 Output: the builder's model.onnx(+data), genai_config.json and tokenizer files.
 Errors: whatever the builder raises, unchanged.
 
@@ -84,8 +85,9 @@ def _model_classes(builders: Any) -> tuple[type, type]:
         def save_processing(self: Any, model_name_or_path: str, extra: Any, out_dir: str) -> None:
             # The stock step loads the tokenizer through AutoTokenizer, which reads config.json
             # as a generic config and rejects Phi-3-small-128k's rope_scaling (no
-            # original_max_position_embeddings inside it); the files are copied instead.
-            copy_tokenizer_files(model_name_or_path, out_dir, self.context_length)
+            # original_max_position_embeddings inside it), and a published checkpoint's tokenizer
+            # is remote code over tiktoken; the files are copied or converted instead.
+            print(copy_tokenizer_files(model_name_or_path, out_dir, self.context_length))
 
     class Phi3SmallCPU(_Fixes, builders.Phi3SmallModel):
         def __init__(self, config: Any, *args: Any) -> None:
@@ -100,24 +102,13 @@ def _model_classes(builders: Any) -> tuple[type, type]:
     return Phi3SmallCPU, Phi3SmallLongRoPECPU
 
 
-def copy_tokenizer_files(source: str | Path, out_dir: str | Path, context_length: int) -> None:
+def copy_tokenizer_files(source: str | Path, out_dir: str | Path, context_length: int) -> str:
     """tokenizer.json and tokenizer_config.json (model_max_length set to the context) into the
-    export. A published checkpoint ships tiktoken's cl100k_base file instead of tokenizer.json;
-    converting that one is not done here."""
-    import shutil
+    export. A published checkpoint ships tiktoken's cl100k_base.tiktoken instead of tokenizer.json:
+    it is converted (phi3edge.tiktoken_convert). Returns a line saying which."""
+    from phi3edge.tiktoken_convert import write_phi3_small_tokenizer_files
 
-    source, out_dir = Path(source), Path(out_dir)
-    if not (source / "tokenizer.json").is_file():
-        raise FileNotFoundError(
-            f"{source} has no tokenizer.json (a published Phi-3-small ships cl100k_base.tiktoken, "
-            "which must be converted first)"
-        )
-    shutil.copyfile(source / "tokenizer.json", out_dir / "tokenizer.json")
-    config = json.loads((source / "tokenizer_config.json").read_text("utf-8"))
-    config["model_max_length"] = context_length
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    if (source / "special_tokens_map.json").is_file():
-        shutil.copyfile(source / "special_tokens_map.json", out_dir / "special_tokens_map.json")
+    return write_phi3_small_tokenizer_files(source, out_dir, context_length)
 
 
 @contextlib.contextmanager

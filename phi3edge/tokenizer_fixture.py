@@ -7,6 +7,9 @@ Phi-3's special tokens at their real ids 32000-32010), plus the matching ``token
 
 Only ASCII is learned, so every other character takes the byte-fallback path: multi-byte UTF-8
 characters are split across tokens, which is what the engine's incremental detokenizer must handle.
+
+For Phi-3-small: a stand-in for cl100k_base's ranks (written as ``cl100k_base.tiktoken``) and the
+published-style tokenizer_config.json; the export converts them as it does a real checkpoint's.
 """
 
 from __future__ import annotations
@@ -18,6 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from phi3edge import catalog
+from phi3edge.tiktoken_convert import (  # noqa: F401  (re-exported for tests)
+    CL100K_PATTERN,
+    PHI3_SMALL_BASE_VOCAB_SIZE,
+    PHI3_SMALL_PADDED_VOCAB_SIZE,
+    PHI3_SMALL_SPECIAL_TOKENS,
+    byte_to_char,
+    unspell,
+)
 
 BASE_VOCAB_SIZE = 32000
 _CORPUS_PACKAGES = ("email", "json", "http", "logging", "unittest", "asyncio", "xml", "urllib")
@@ -144,34 +155,31 @@ def build_phi3_tokenizer() -> Any:
 
 # ----------------------------------------------------------------------------- Phi-3-small
 
-# Phi-3-small's tokenizer is tiktoken's cl100k_base (ranks 0-100255) plus its own special tokens,
-# padded with dummies to the 100352-row embedding. The table is the published
-# tokenization_phi3_small.py's SPECIAL_TOKENS (a public copy; see
-# docs/research/phi3-small-cpu/FINDINGS.md). <|end|> 100266 is the second eos id of the published
-# generation_config.json.
-PHI3_SMALL_BASE_VOCAB_SIZE = 100256
-PHI3_SMALL_PADDED_VOCAB_SIZE = 100352
-PHI3_SMALL_SPECIAL_TOKENS: dict[str, int] = {
-    "<|dummy_id_2|>": 100256,  # cl100k_base has no token 100256
-    "<|endoftext|>": 100257,
-    "<|fim_prefix|>": 100258,
-    "<|fim_middle|>": 100259,
-    "<|fim_suffix|>": 100260,
-    "<|system|>": 100261,
-    "<|user|>": 100262,
-    "<|assistant|>": 100263,
-    "<|dummy_id_0|>": 100264,
-    "<|dummy_id_1|>": 100265,
-    "<|end|>": 100266,
-    **{f"<|dummy_id_{i}|>": 100264 + i for i in range(3, 12)},  # 100267-100275
-    "<|endofprompt|>": 100276,
-    **{f"<|dummy_id_{11 + k}|>": 100276 + k for k in range(1, 76)},  # 100277-100351
+# Phi-3-small's tokenizer is tiktoken's cl100k_base (ranks 0-100255) plus its own special tokens
+# (phi3edge.tiktoken_convert). A published checkpoint ships it as cl100k_base.tiktoken, the remote
+# tokenization_phi3_small.py and this tokenizer_config.json (the published file's fields, from a
+# public copy of microsoft/Phi-3-small-8k-instruct's; the chat template is the member's own).
+_PHI3_SMALL_PUBLISHED_TOKENIZER_CONFIG: dict[str, Any] = {
+    "added_tokens_decoder": {},
+    "auto_map": {
+        "AutoTokenizer": [
+            "tokenization_phi3_small.Phi3SmallTokenizer",
+            "tokenization_phi3_small.Phi3SmallTokenizer",
+        ]
+    },
+    "bos_token": "<|endoftext|>",
+    "chat_template": None,
+    "clean_up_tokenization_spaces": True,
+    "eos_token": "<|endoftext|>",
+    "model_max_length": None,
+    "pad_token": "<|endoftext|>",
+    "tokenizer_class": "Phi3SmallTokenizer",
 }
-# cl100k_base's pre-tokenizer pattern (the same one Llama-3 later adopted).
-CL100K_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+PHI3_SMALL_SPECIAL_TOKENS_MAP = {
+    "bos_token": "<|endoftext|>",
+    "eos_token": "<|endoftext|>",
+    "pad_token": "<|endoftext|>",
+}
 
 
 def phi3_small_dummy_token_ids() -> list[int]:
@@ -185,13 +193,31 @@ def _byte_alphabet() -> list[str]:
     """GPT-2's byte-to-character map in its own order (printable bytes first), which is also the
     order of cl100k_base's 256 single-byte ranks ('!' is rank 0)."""
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    chars = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in printable] + [chars[b] for b in range(256) if b not in printable]
+    table = byte_to_char()
+    return [table[b] for b in printable] + [table[b] for b in range(256) if b not in printable]
+
+
+def _small_corpus() -> list[str]:
+    """Multi-line blocks of the same stdlib text, so whitespace around newlines gets merges as in
+    cl100k_base (``"\\n\\n"``, ``":\\n"``, ``"\\n    \\n"``...): every third block indented with
+    tabs, every fourth with indented blank lines, every fifth with CRLF line ends."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    blocks: list[str] = []
+    for package in _CORPUS_PACKAGES:
+        for path in sorted((stdlib / package).rglob("*.py")):
+            lines = path.read_text("utf-8", errors="ignore").splitlines()
+            for start in range(0, len(lines), 6):
+                block = "\n".join(lines[start : start + 6]) + "\n"
+                if not block.isascii():
+                    continue
+                if len(blocks) % 3 == 1:
+                    block = block.replace("    ", "\t")
+                if len(blocks) % 5 == 2:
+                    block = block.replace("\n", "\r\n")
+                if len(blocks) % 4 == 3:  # blank lines that keep their indentation
+                    block = block.replace("\n\n", "\n    \n")
+                blocks.append(block)
+    return blocks
 
 
 @lru_cache(maxsize=1)
@@ -200,7 +226,12 @@ def _small_learned_pieces() -> tuple[list[str], list[tuple[str, str]]]:
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
     trainer_tok = Tokenizer(models.BPE())
-    trainer_tok.pre_tokenizer = _cl100k_pre_tokenizer(pre_tokenizers, Regex)
+    trainer_tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(CL100K_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     alphabet = _byte_alphabet()
     trainer = trainers.BpeTrainer(
         vocab_size=PHI3_SMALL_BASE_VOCAB_SIZE,
@@ -208,7 +239,7 @@ def _small_learned_pieces() -> tuple[list[str], list[tuple[str, str]]]:
         show_progress=False,
         min_frequency=2,
     )
-    trainer_tok.train_from_iterator(_corpus(), trainer)
+    trainer_tok.train_from_iterator(_small_corpus(), trainer)
     model = json.loads(trainer_tok.to_str())["model"]
     vocab: dict[str, int] = model["vocab"]
     singles = set(alphabet)
@@ -216,9 +247,11 @@ def _small_learned_pieces() -> tuple[list[str], list[tuple[str, str]]]:
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     known = singles | set(pieces)
     target = PHI3_SMALL_BASE_VOCAB_SIZE - len(alphabet)
-    # Pad with concatenations of learned pieces (each with its merge, lowest priority).
-    words = [p for p in pieces if p.startswith("\u0120") and p[1:].isalpha()][:600]
-    suffixes = [p for p in pieces if p.isalpha() and len(p) <= 4][:600]
+    # Pad with concatenations of learned pieces (each with its merge, lowest priority): " word"
+    # + "suffix", ASCII letters only (whitespace's byte-level characters count as letters in
+    # str.isalpha, and would make tokens cl100k's regex never produces, such as "  se").
+    words = [p for p in pieces if p.startswith("\u0120") and unspell(p[1:]).isalpha()][:600]
+    suffixes = [p for p in pieces if unspell(p).isalpha() and len(p) <= 4][:600]
     for left in words:
         for right in suffixes:
             if len(pieces) >= target:
@@ -232,66 +265,21 @@ def _small_learned_pieces() -> tuple[list[str], list[tuple[str, str]]]:
     return pieces[:target], merges
 
 
-def _cl100k_pre_tokenizer(pre_tokenizers: Any, regex: Any) -> Any:
-    return pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(regex(CL100K_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-
-
-def build_phi3_small_tokenizer() -> Any:
-    """A stand-in shaped like Phi-3-small's tokenizer as a Hugging Face ``tokenizers.Tokenizer``
-    (byte-level BPE, cl100k_base's pre-tokenizer, 100256 base ids, the published special tokens at
-    100256-100351); save it as ``tokenizer.json``. The merges are learned here, so ids of ordinary
-    text differ from the real tokenizer's."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    pieces, merges = _small_learned_pieces()
-    vocab = {char: i for i, char in enumerate(_byte_alphabet())}
-    for piece in pieces:
-        vocab.setdefault(piece, len(vocab))
-    kept = [(a, b) for a, b in merges if a in vocab and b in vocab and a + b in vocab]
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=kept, ignore_merges=False))
-    tokenizer.pre_tokenizer = _cl100k_pre_tokenizer(pre_tokenizers, Regex)
-    tokenizer.decoder = decoders.ByteLevel()
-    specials = sorted(PHI3_SMALL_SPECIAL_TOKENS.items(), key=lambda item: item[1])
-    tokenizer.add_special_tokens(
-        [AddedToken(t, normalized=False, special=True) for t, _ in specials]
-    )
-    for token, token_id in specials:
-        if tokenizer.token_to_id(token) != token_id:
-            raise AssertionError(
-                f"{token} landed at {tokenizer.token_to_id(token)}, not {token_id}"
-            )
-    return tokenizer
+@lru_cache(maxsize=1)
+def phi3_small_stand_in_ranks() -> dict[bytes, int]:
+    """A stand-in for cl100k_base's mergeable ranks, in the same shape: the 256 single bytes first
+    in cl100k's order (``!`` = 0, ``\\n`` = 198), then byte-level BPE tokens learned here from
+    stdlib text in merge order (so every token's parts rank below it), padded to 100256 ranks. Write
+    it with ``tiktoken_convert.write_ranks`` as cl100k_base.tiktoken. Ordinary text gets other ids
+    than with the real cl100k_base."""
+    pieces, _ = _small_learned_pieces()
+    return {unspell(piece): rank for rank, piece in enumerate(_byte_alphabet() + pieces)}
 
 
 def phi3_small_tokenizer_config(chat_template: str, model_max_length: int) -> dict[str, Any]:
-    """tokenizer_config.json for the stand-in: the published special-token strings (bos = eos =
-    pad = <|endoftext|>), the chat template, and the generic fast-tokenizer class (the published
-    one names its own Phi3SmallTokenizer, remote code that needs tiktoken)."""
-    decoder = {
-        str(i): {
-            "content": t,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-        for t, i in sorted(PHI3_SMALL_SPECIAL_TOKENS.items(), key=lambda item: item[1])
-    }
-    return {
-        "added_tokens_decoder": decoder,
-        "bos_token": "<|endoftext|>",
-        "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "chat_template": chat_template,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": model_max_length,
-        "padding_side": "left",
-        "tokenizer_class": "PreTrainedTokenizerFast",
-    }
+    """tokenizer_config.json as a published Phi-3-small ships it (remote Phi3SmallTokenizer,
+    bos = eos = pad = <|endoftext|>, no added tokens listed), with the member's chat template."""
+    config = json.loads(json.dumps(_PHI3_SMALL_PUBLISHED_TOKENIZER_CONFIG))
+    config["chat_template"] = chat_template
+    config["model_max_length"] = model_max_length
+    return config

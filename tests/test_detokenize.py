@@ -22,8 +22,17 @@ def member(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="module")
-def tokenizer_json(member: str, model_factory: Callable[..., Path]) -> Path:
-    return model_factory(member) / "tokenizer.json"
+def tokenizer_json(
+    member: str, model_factory: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    checkpoint = model_factory(member)
+    if member.startswith("phi-3-small"):  # ships cl100k_base.tiktoken: the export's conversion
+        from phi3edge.tiktoken_convert import write_phi3_small_tokenizer_files
+
+        out = tmp_path_factory.mktemp("small-tokenizer")
+        write_phi3_small_tokenizer_files(checkpoint, out, 8192)
+        return out / "tokenizer.json"
+    return checkpoint / "tokenizer.json"
 
 
 @pytest.fixture(scope="module")

@@ -60,17 +60,32 @@ def test_not_a_phi3_checkpoint(capsys: pytest.CaptureFixture, tmp_path: Path) ->
     assert "not a Phi-3" in _cli_error(capsys, "export", str(src), str(tmp_path / "out"))
 
 
-def test_phi_3_small_without_tokenizer_json_is_refused_before_export(
+def test_phi_3_small_without_a_tokenizer_is_refused_before_export(
     capsys: pytest.CaptureFixture, tmp_path: Path
 ) -> None:
-    """A published Phi-3-small ships tiktoken's file, not tokenizer.json: say so up front."""
+    """Neither cl100k_base.tiktoken (as published) nor tokenizer.json: say so up front."""
     from phi3edge import catalog
 
     src = tmp_path / "small"
     src.mkdir()
     (src / "config.json").write_text(json.dumps(catalog.get("phi-3-small-8k").published_config()))
     err = _cli_error(capsys, "export", str(src), str(tmp_path / "out"))
-    assert "no tokenizer.json" in err and "cl100k_base" in err
+    assert "no tokenizer" in err and "cl100k_base.tiktoken" in err and "tokenizer.json" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_phi_3_small_with_a_malformed_tiktoken_file_is_refused_before_export(
+    capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    from phi3edge import catalog
+
+    src = tmp_path / "small"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(catalog.get("phi-3-small-8k").published_config()))
+    (src / "cl100k_base.tiktoken").write_text("IQ== 0\nIg== 1\n")  # 2 ranks, 254 bytes missing
+    err = _cli_error(capsys, "export", str(src), str(tmp_path / "out"))
+    assert "cl100k_base.tiktoken: 254 single bytes have no rank" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_non_empty_output(capsys: pytest.CaptureFixture, tmp_path: Path, model_factory) -> None:
