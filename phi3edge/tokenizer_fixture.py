@@ -94,15 +94,28 @@ def _learned_pieces() -> tuple[list[str], list[tuple[str, str]]]:
     # Pad with concatenations of existing pieces so the base vocabulary is exactly 32000 ids.
     seeds = [p for p in pieces if p.startswith("\u2581") and p[1:].isalpha()][:400]
     suffixes = [p for p in pieces if p.isalpha() and len(p) <= 3][:400]
-    for left in seeds:
-        for right in suffixes:
+    _pad_with_concatenations(pieces, merges, known, seeds, suffixes, target)
+    return pieces[:target], merges
+
+
+def _pad_with_concatenations(
+    pieces: list[str],
+    merges: list[tuple[str, ...]],
+    known: set[str],
+    lefts: list[str],
+    rights: list[str],
+    target: int,
+) -> None:
+    """Append ``left + right`` pieces (each with its merge, at the lowest priority) until there
+    are ``target`` pieces: a stand-in vocabulary reaches the real one's size."""
+    for left in lefts:
+        for right in rights:
             if len(pieces) >= target:
-                break
+                return
             if left + right not in known:
                 pieces.append(left + right)
                 merges.append((left, right))
                 known.add(left + right)
-    return pieces[:target], merges
 
 
 def build_phi3_tokenizer() -> Any:
@@ -252,14 +265,7 @@ def _small_learned_pieces() -> tuple[list[str], list[tuple[str, str]]]:
     # str.isalpha, and would make tokens cl100k's regex never produces, such as "  se").
     words = [p for p in pieces if p.startswith("\u0120") and unspell(p[1:]).isalpha()][:600]
     suffixes = [p for p in pieces if unspell(p).isalpha() and len(p) <= 4][:600]
-    for left in words:
-        for right in suffixes:
-            if len(pieces) >= target:
-                break
-            if left + right not in known:
-                pieces.append(left + right)
-                merges.append((left, right))
-                known.add(left + right)
+    _pad_with_concatenations(pieces, merges, known, words, suffixes, target)
     if len(pieces) < target:
         raise AssertionError(f"could only make {len(pieces)} of {target} pieces")
     return pieces[:target], merges

@@ -1,7 +1,7 @@
 """Time, peak RSS and peak scratch disk of exporting a full-size random-weight Phi-3 checkpoint.
 
 Usage: python scripts/bench_export.py [--member phi-3-mini-4k] [--precision int4|fp32]
-                                      [--compare REF] [--stock]
+                                      [--layers N] [--compare REF] [--stock]
 
 Builds (once, cached under PHI3EDGE_CACHE or ~/.cache/phi3edge/bench) a random checkpoint with the
 member's exact published architecture, then runs ``phi3edge export`` in a child process and reports
@@ -12,7 +12,9 @@ of the exporter (holes punched in a file count as freed). Scratch = that peak mi
 output's size. ``--compare REF`` also runs ``phi3edge export`` as it was at git ref REF (say, the
 commit before the streaming export) for the old-vs-new figure; ``--stock`` runs onnxruntime-genai's
 builder exactly as its CLI does (it needs about 3x the checkpoint in RAM: 23.9 GB for Phi-3-mini, so
-run nothing else meanwhile). Outputs are compared byte for byte.
+run nothing else meanwhile). Outputs are compared byte for byte. ``--layers N`` keeps the full
+width with N layers (Phi-3.5-MoE's 84 GB checkpoint does not fit on this disk; its per-layer cost is
+the difference between two depths).
 """
 
 from __future__ import annotations
@@ -123,13 +125,15 @@ def main() -> None:
     parser.add_argument("--precision", default="int4", choices=("int4", "fp32"))
     parser.add_argument("--compare", metavar="REF", help="also measure phi3edge export at REF")
     parser.add_argument("--stock", action="store_true", help="also measure the stock builder")
+    parser.add_argument("--layers", type=int, help="full width, fewer layers")
     args = parser.parse_args()
 
-    checkpoint = cache_dir() / "bench" / f"full-{args.member}-random"
+    depth = f"-{args.layers}layers" if args.layers else ""
+    checkpoint = cache_dir() / "bench" / f"full-{args.member}{depth}-random"
     if not (checkpoint / "config.json").exists():
-        print(f"building the full-size random {args.member} checkpoint in {checkpoint} ...")
+        print(f"building the full-size random {args.member}{depth} checkpoint in {checkpoint} ...")
         started = time.monotonic()
-        fixtures.write_random_checkpoint(args.member, checkpoint, size="full")
+        fixtures.write_random_checkpoint(args.member, checkpoint, size="full", layers=args.layers)
         print(f"  {time.monotonic() - started:.0f} s")
     size_gb = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors")) / GB
 
@@ -163,7 +167,7 @@ def main() -> None:
 
     onnx_gb = rows[0][1]["output"]
     print(
-        f"\n{args.member}: bf16 checkpoint {size_gb:.2f} GB -> {args.precision} ONNX folder "
+        f"\n{args.member}{depth}: bf16 checkpoint {size_gb:.2f} GB -> {args.precision} ONNX folder "
         f"{onnx_gb:.2f} GB"
     )
     head = f"{'exporter':<26}{'time':>7}{'peak RSS':>10}{'anon':>8}{'file':>8}"
