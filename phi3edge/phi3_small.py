@@ -411,10 +411,11 @@ class Phi3SmallForCausalLM(nn.Module):
 # ----------------------------------------------------------------------------- loading
 
 
-def load(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32) -> Phi3SmallForCausalLM:
+def load(checkpoint_dir: str | Path, dtype: torch.dtype | None = None) -> Phi3SmallForCausalLM:
     """Build the model from ``checkpoint_dir`` (config.json + *.safetensors) without running any
-    of the checkpoint's own code. Tensors are cast to ``dtype``; an absent ``lm_head.weight``
-    means tied embeddings, as in the published checkpoints."""
+    of the checkpoint's own code. Tensors keep the checkpoint's dtype unless ``dtype`` is given
+    (a full-size bf16 checkpoint is 15 GB as it is, 30 GB in float32); an absent
+    ``lm_head.weight`` means tied embeddings, as in the published checkpoints."""
     from safetensors import safe_open
 
     folder = Path(checkpoint_dir)
@@ -427,7 +428,8 @@ def load(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32) -> Phi3
     for path in files:
         with safe_open(str(path), framework="pt") as handle:
             for name in handle.keys():
-                state[name] = handle.get_tensor(name).to(dtype)
+                tensor = handle.get_tensor(name)
+                state[name] = tensor if dtype is None else tensor.to(dtype)
     if "lm_head.weight" in state and config.tie_word_embeddings:
         config = _untied(config)
     with torch.device("meta"):

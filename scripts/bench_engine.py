@@ -20,6 +20,9 @@ Run one part with --sections concurrency (results merge into the existing JSON).
 more than this machine has): raw onnxruntime-genai prefill and decode, split into the per-layer
 and fixed (embedding, lm_head, sampling) parts and extrapolated to 32 layers (labelled so), plus
 the bytes of weights a decoded token reads (attention, router, 2 of 16 experts per layer, lm_head).
+
+--sections speed --member M: prefill and decode of full-size member M (default phi-3-small-8k),
+raw onnxruntime-genai against our engine with every sampling feature on.
 """
 
 from __future__ import annotations
@@ -170,8 +173,11 @@ def main() -> None:
     parser.add_argument(
         "--sections",
         default="all",
-        choices=["all", "engine", "concurrency", "moe"],
+        choices=["all", "engine", "concurrency", "moe", "speed"],
         help="what to run (all = engine + concurrency)",
+    )
+    parser.add_argument(
+        "--member", default="phi-3-small-8k", help="the model of --sections speed (full size)"
     )
     parser.add_argument(
         "--engine",
@@ -180,7 +186,7 @@ def main() -> None:
         help="where the served model runs in the concurrency section (both: one after the other)",
     )
     args = parser.parse_args()
-    folder = full_model() if args.sections != "moe" else Path()
+    folder = full_model() if args.sections not in ("moe", "speed") else Path()
     out = args.out / "bench_engine.json"
     results: dict[str, float] = json.loads(out.read_text()) if out.exists() else {}
     if args.sections in ("all", "concurrency"):
@@ -190,6 +196,8 @@ def main() -> None:
         engine_sections(folder, args, results)
     if args.sections == "moe":
         moe_layer_stack(args, results)
+    if args.sections == "speed":
+        member_speed(args, results)
     print(f"machine: {machine()}")
     args.out.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
@@ -282,6 +290,26 @@ def engine_sections(folder: Path, args: argparse.Namespace, results: dict[str, f
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
     results["peak_rss_gb"] = peak_gb
     print(f"peak RSS of this process: {peak_gb:.2f} GB")
+
+
+def member_speed(args: argparse.Namespace, results: dict[str, float]) -> None:
+    """Prefill and decode of another full-size member: raw onnxruntime-genai and our engine
+    (every sampling feature on), 128-token prompt, 64 new tokens."""
+    model = runtime.load(full_model(args.member), threads=args.threads)
+    ids = prompt_ids(128)
+    no_end = {i: -100.0 for i in model.eos_ids}
+    cfg = SamplingConfig(**{**ALL_FEATURES.__dict__, "logit_bias": no_end})
+    raw = med([raw_og(model, ids, DECODE_TOKENS) for _ in range(args.repeats)])
+    our = med([ours(model, ids, DECODE_TOKENS, cfg) for _ in range(args.repeats)])
+    figures = {
+        f"{args.member}_raw_prefill_128": len(ids) / raw[0],
+        f"{args.member}_ours_prefill_128": len(ids) / our[0],
+        f"{args.member}_raw_decode": raw[1],
+        f"{args.member}_ours_decode": our[1],
+    }
+    results.update(figures)
+    for key, value in figures.items():
+        print(f"{key}: {value:.2f} tok/s")
 
 
 def _decode_bytes_per_token(folder: Path) -> dict[str, float]:
