@@ -141,6 +141,11 @@ def model_class() -> type:
                 if "block_size" in self.moe_attrs
                 else {}
             )
+            # The INT4 export's MatMul activation precision applies to the experts too: at level 4
+            # (int8 activations) a full-width layer decodes about 4x faster than with float32
+            # activations here (README, "Phi-3.5-MoE speed").
+            if self.onnx_dtype in (ir.DataType.INT4, ir.DataType.UINT4):
+                block["accuracy_level"] = self.quant_attrs["accuracy_level"]
             no_fc3, no_zero_points = ["", "", ""], ["", "", ""]  # fused swiglu; symmetric
             self.make_node(
                 "QMoE",
