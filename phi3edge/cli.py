@@ -1,4 +1,4 @@
-"""Command line: ``phi3edge demo | export | random-checkpoint | info | chat | serve``.
+"""Command line: ``phi3edge demo | export | adapter add | random-checkpoint | info | chat | serve``.
 
 Every command prints progress to stderr and results to stdout; bad input ends with a one-line
 ``error: ...`` and exit status 2 (1 for a failure while working).
@@ -75,7 +75,23 @@ def cmd_export(args: argparse.Namespace) -> int:
         int4=int4,
         progress=_progress,
         moe_experts=args.moe_experts,
+        adapters=[_adapter_pair(a) for a in args.adapter],
     )
+    return 0
+
+
+def _adapter_pair(text: str) -> tuple[str, str]:
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder:
+        raise ValueError(f"--adapter takes NAME=PEFT_DIR, not {text!r}")
+    return name, folder
+
+
+def cmd_adapter_add(args: argparse.Namespace) -> int:
+    from phi3edge import adapters
+
+    entry = adapters.add(args.model, args.name, args.peft_dir, progress=_progress)
+    print(json.dumps({args.name: entry}, indent=2))
     return 0
 
 
@@ -251,7 +267,25 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["int4", "int8"],
         help="Phi-3.5-MoE experts (default int4; int8 with --precision fp32): int8 is more exact",
     )
+    exp.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PEFT_DIR",
+        help="add a PEFT LoRA fine-tune, served as model NAME (repeatable)",
+    )
     exp.set_defaults(func=cmd_export)
+
+    adapter = sub.add_parser("adapter", help="LoRA fine-tunes of an exported model")
+    adapter_sub = adapter.add_subparsers(dest="adapter_command", required=True)
+    add = adapter_sub.add_parser(
+        "add",
+        help="add a PEFT LoRA adapter folder to an export; requests then select it by name",
+    )
+    add.add_argument("model", help="an exported model folder")
+    add.add_argument("name", help="the name requests give as `model`")
+    add.add_argument("peft_dir", help="PEFT save_pretrained folder (adapter_config.json + weights)")
+    add.set_defaults(func=cmd_adapter_add)
 
     rnd = sub.add_parser("random-checkpoint", help="write a random-weight Phi-3 checkpoint")
     rnd.add_argument("arch", help="catalog id, e.g. phi-3-mini-4k (see `phi3edge info --catalog`)")
