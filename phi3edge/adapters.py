@@ -257,6 +257,20 @@ def write_adapter_file(params: dict[str, np.ndarray], path: Path) -> None:
 # ----------------------------------------------------------------------------- the model folder
 
 
+ARCHITECTURE = "Phi3ForCausalLM"  # mini, medium, 3.5-mini: the graph lora_graph knows
+
+
+def check_architecture(catalog_id: str) -> None:
+    from phi3edge.catalog import get as catalog_member
+
+    member = catalog_member(catalog_id)
+    if member.architecture != ARCHITECTURE:
+        raise AdapterError(
+            f"LoRA adapters are supported on {ARCHITECTURE} models (Phi-3-mini, Phi-3-medium, "
+            f"Phi-3.5-mini), not on {member.id}"
+        )
+
+
 def check_name(name: str, catalog_id: str, taken: list[str]) -> None:
     """Refuse a name that is malformed or that requests could not tell apart from another."""
     if not NAME.match(name):
@@ -285,6 +299,7 @@ def add(
     say = progress or (lambda _: None)
     folder = Path(model_dir)
     manifest = Manifest.read(folder)
+    check_architecture(manifest.catalog_id)
     check_name(name, manifest.catalog_id, list(manifest.adapters))
     adapter = read_peft(peft_dir)
     graph = lora_graph.load(folder / "model.onnx")
@@ -332,6 +347,7 @@ def check_before_export(
 ) -> None:
     """Check ``export --adapter NAME=DIR`` choices against the checkpoint's config before the
     (long) export starts; ``add`` checks them against the graph after it."""
+    check_architecture(catalog_id)
     names: list[str] = []
     for name, peft_dir in requested:
         check_name(name, catalog_id, names)

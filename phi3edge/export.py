@@ -191,8 +191,6 @@ def export(
     if adapters:
         from phi3edge import adapters as lora
 
-        if member.architecture != "Phi3ForCausalLM":
-            raise ExportError(f"LoRA adapters are supported on Phi3ForCausalLM, not {member.id}")
         lora.check_before_export(adapters, member.id, config)
     experts_note = f", experts {moe_experts}" if is_moe else ""
     say(f"exporting {member.id} from {source_dir} to {precision} ONNX{experts_note}")
