@@ -187,13 +187,20 @@ def _small_full_config(member: catalog.FamilyMember) -> dict[str, Any]:
 
 
 def write_random_checkpoint(
-    member_id: str, out: str | Path, size: str = "tiny", seed: int = 0, layers: int | None = None
+    member_id: str,
+    out: str | Path,
+    size: str = "tiny",
+    seed: int = 0,
+    layers: int | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Write a random-weight checkpoint folder and return its path.
 
     Weights are written one tensor group at a time (bf16 for ``full``, fp32 for ``tiny``), so a
     full-size Phi-3-medium never needs its whole float32 state in memory. ``layers`` overrides the
-    depth (a full-width model with fewer layers measures per-layer costs of a model too big here).
+    depth (a full-width model with fewer layers measures per-layer costs of a model too big here);
+    ``overrides``, other config.json values (a mid-size model for benchmarks that need no full
+    one).
     """
     import torch
     from safetensors.torch import save_file
@@ -206,6 +213,7 @@ def write_random_checkpoint(
         if layers < 1:
             raise ValueError(f"layers must be at least 1, not {layers}")
         config["num_hidden_layers"] = layers
+    config.update(overrides or {})
     member = catalog.get(member_id)
     full = size == "full"
     config["torch_dtype"] = "bfloat16" if full else "float32"

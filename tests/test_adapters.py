@@ -483,3 +483,23 @@ def test_lora_on_other_modules_is_refused(
     folder = fixtures.write_random_lora(base, tmp_path / "head", targets=("lm_head",))
     err = _add_fails(fp32_dir, "x", folder, capsys)
     assert "lm_head" in err and "qkv_proj, o_proj, gate_up_proj, down_proj" in err
+
+
+def test_grouped_query_attention_member_takes_adapters(
+    model_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Phi-3-medium (40 query / 10 kv heads, scaled down): qkv_proj's B rows split unevenly."""
+    checkpoint = model_factory("phi-3-medium-4k")
+    lora = fixtures.write_random_lora(
+        checkpoint, tmp_path / "lora", targets=("qkv_proj", "down_proj"), rank=6, seed=3
+    )
+    out = tmp_path / "model"
+    shutil.copytree(model_factory("phi-3-medium-4k", "fp32"), out)
+    adapters.add(out, "medium-tune", lora)
+    model = runtime.load(out, threads=1)
+    ours = _run_generators_together(model, IDS, PROMPT)
+    for name, folder in ((None, None), ("medium-tune", lora)):
+        reference = _reference_logits(_reference_model(checkpoint, folder), IDS)[PROMPT - 1 :]
+        diff = np.abs(ours[name] - reference).max()
+        print(f"phi-3-medium-4k fp32 {name or 'base'}: max abs diff {diff:.2e}")
+        assert diff <= 1e-4
