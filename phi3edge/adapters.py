@@ -342,6 +342,21 @@ def add(
     return entry
 
 
+def remove(model_dir: str | os.PathLike[str], name: str) -> None:
+    """Remove adapter ``name`` (any case) from the export ``model_dir``: its manifest entry and
+    file. The graph keeps its LoRA inputs (empty, they cost the base model nothing measurable)."""
+    folder = Path(model_dir)
+    manifest = Manifest.read(folder)
+    found = next((n for n in manifest.adapters if n.lower() == name.lower()), None)
+    if found is None:
+        have = ", ".join(manifest.adapters) or "none"
+        raise AdapterError(f"{folder} has no adapter named '{name}' (its adapters: {have})")
+    entry = manifest.adapters[found]
+    rest = {n: e for n, e in manifest.adapters.items() if n != found}
+    dataclasses.replace(manifest, adapters=rest).write(folder)
+    (folder / entry["file"]).unlink(missing_ok=True)
+
+
 def check_before_export(
     requested: list[tuple[str, str]], catalog_id: str, config: dict[str, Any]
 ) -> None:

@@ -1,5 +1,5 @@
-"""Command line: ``phi3edge demo | export | adapter add | data check | random-checkpoint | info |
-chat | serve | bench``.
+"""Command line: ``phi3edge demo | export | adapter add/remove | data check | random-checkpoint |
+info | chat | serve | bench``.
 
 Every command prints progress to stderr and results to stdout; bad input ends with a one-line
 ``error: ...`` and exit status 2 (1 for a failure while working).
@@ -86,6 +86,14 @@ def _adapter_pair(text: str) -> tuple[str, str]:
     if not sep or not name or not folder:
         raise ValueError(f"--adapter takes NAME=PEFT_DIR, not {text!r}")
     return name, folder
+
+
+def cmd_adapter_remove(args: argparse.Namespace) -> int:
+    from phi3edge import adapters
+
+    adapters.remove(args.model, args.name)
+    _progress(f"removed adapter '{args.name}' from {args.model}")
+    return 0
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
@@ -303,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("name", help="the name requests give as `model`")
     add.add_argument("peft_dir", help="PEFT save_pretrained folder (adapter_config.json + weights)")
     add.set_defaults(func=cmd_adapter_add)
+    remove = adapter_sub.add_parser("remove", help="remove an adapter from an export")
+    remove.add_argument("model", help="an exported model folder")
+    remove.add_argument("name", help="the adapter's name")
+    remove.set_defaults(func=cmd_adapter_remove)
 
     data = sub.add_parser("data", help="fine-tuning data")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -162,7 +162,10 @@ def load_adapters(model: Any, folder: Path, manifest: Manifest) -> Any:
     for name, entry in manifest.adapters.items():
         path = folder / entry["file"]
         if not path.is_file():
-            raise ExportError(f"adapter '{name}': {path} is missing; add it again")
+            raise ExportError(
+                f"adapter '{name}': {path} is missing; `phi3edge adapter remove {folder} {name}` "
+                "and add it again"
+            )
         adapters.load(str(path), name)
     log.info("loaded %d adapter(s): %s", len(manifest.adapters), ", ".join(manifest.adapters))
     return adapters

@@ -503,3 +503,22 @@ def test_grouped_query_attention_member_takes_adapters(
         diff = np.abs(ours[name] - reference).max()
         print(f"phi-3-medium-4k fp32 {name or 'base'}: max abs diff {diff:.2e}")
         assert diff <= 1e-4
+
+
+def test_remove_then_add_again_and_a_missing_file(
+    int4_dir: Path, peft_dirs: dict[str, Path], tmp_path: Path, capsys: Any
+) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(int4_dir, folder)
+    assert main(["adapter", "remove", str(folder), "TERSE"]) == 0
+    manifest = json.loads((folder / "phi3edge.json").read_text())
+    assert set(manifest["adapters"]) == {"pirate"}
+    assert not (folder / "adapters" / "terse.onnx_adapter").exists()
+    assert runtime.load(folder, threads=1).adapter_names == ("pirate",)
+    capsys.readouterr()
+    assert main(["adapter", "remove", str(folder), "terse"]) == 2
+    assert "no adapter named 'terse' (its adapters: pirate)" in capsys.readouterr().err
+    assert main(["adapter", "add", str(folder), "terse", str(peft_dirs["terse"])]) == 0
+    (folder / "adapters" / "pirate.onnx_adapter").unlink()
+    with pytest.raises(adapters.ExportError, match="pirate.onnx_adapter is missing"):
+        runtime.load(folder, threads=1)
