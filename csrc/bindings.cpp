@@ -131,11 +131,42 @@ struct StepOutput {
     py::array_t<float> top_logprobs;
 };
 
+// Checks dtype int32 or uint32 and shape [rows, ceil(vocab / 32)]; returns a C-contiguous view
+// of the words as uint32 (no copy when the input already is one).
+py::array allowed_from(const py::object& object, py::ssize_t rows, py::ssize_t vocab) {
+    if (!py::isinstance<py::array>(object)) {
+        throw py::type_error("allowed must be a numpy int32 or uint32 array or None, got " +
+                             type_name(object));
+    }
+    const auto allowed = py::reinterpret_borrow<py::array>(object);
+    const bool is_int32 = py::isinstance<py::array_t<std::int32_t>>(allowed);
+    if (!is_int32 && !py::isinstance<py::array_t<std::uint32_t>>(allowed)) {
+        throw std::invalid_argument("allowed must be an int32 or uint32 array, got dtype " +
+                                    py::str(allowed.dtype()).cast<std::string>());
+    }
+    const py::ssize_t words = (vocab + 31) / 32;
+    if (allowed.ndim() != 2 || allowed.shape(0) != rows || allowed.shape(1) != words) {
+        throw std::invalid_argument("allowed must have shape (" + std::to_string(rows) + ", " +
+                                    std::to_string(words) + ") for logits of " +
+                                    std::to_string(rows) + " rows and vocab size " +
+                                    std::to_string(vocab) + ", got shape " + shape_of(allowed));
+    }
+    if (is_int32) {
+        return py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>::ensure(
+            allowed);
+    }
+    return py::array_t<std::uint32_t, py::array::c_style | py::array::forcecast>::ensure(allowed);
+}
+
 StepOutput sample(const py::object& logits_in, const py::sequence& params_in,
-                  const py::sequence& states_in) {
+                  const py::sequence& states_in, const py::object& allowed_in) {
     const auto logits = logits_from(logits_in);
     const py::ssize_t rows = logits.shape(0);
     const py::ssize_t vocab = logits.shape(logits.ndim() - 1);
+    py::array allowed;  // kept alive until the kernel returns
+    if (!allowed_in.is_none()) {
+        allowed = allowed_from(allowed_in, rows, vocab);
+    }
     std::vector<py::object> keep_alive;  // the caller's lists may change while the GIL is free
     const auto params = items_of<SamplingParams>(params_in, "params", "SamplingParams", keep_alive);
     const auto states = items_of<RowState>(states_in, "states", "RowState", keep_alive);
@@ -153,7 +184,12 @@ StepOutput sample(const py::object& logits_in, const py::sequence& params_in,
                                    out.tokens.mutable_data(),
                                    out.logprobs.mutable_data(),
                                    out.top_ids.mutable_data(),
-                                   out.top_logprobs.mutable_data()};
+                                   out.top_logprobs.mutable_data(),
+                                   allowed_in.is_none()
+                                       ? nullptr
+                                       // int32 and uint32 words alias (signed/unsigned variants)
+                                       : static_cast<const std::uint32_t*>(allowed.data()),
+                                   allowed_in.is_none() ? 0 : allowed.shape(1)};
     const std::vector<const SamplingParams*> const_params(params.begin(), params.end());
     {
         py::gil_scoped_release release;
@@ -236,7 +272,9 @@ PYBIND11_MODULE(_sampling, m) {
         .def_readonly("top_logprobs", &StepOutput::top_logprobs);
 
     m.def("sample", &sample, py::arg("logits"), py::arg("params"), py::arg("states"),
-          "One sampling step for every row of logits [B, V] (or [B, 1, V]).");
+          py::arg("allowed") = py::none(),
+          "One sampling step for every row of logits [B, V] (or [B, 1, V]), optionally "
+          "constrained by an allowed-token bitmask [B, ceil(V / 32)].");
     m.def("force_logits", &force_logits, py::arg("tokens"), py::arg("vocab_size"),
           "Logits [B, vocab_size] that make a greedy step choose tokens[b] in row b.");
 }

@@ -245,16 +245,16 @@ inline Column column_of(std::int64_t c, std::int64_t n) {
     return Column{first, std::min(n, first + kGroup)};
 }
 
-// Copies x to out, writes every column's maximum (-inf for empty columns) and returns whether
-// every value is finite. One pass; x * 0 is 0 for finite x and NaN for NaN and +-inf.
-PHI3EDGE_MULTIVERSION
-bool copy_with_column_max(const float* __restrict x, std::int64_t n, float* __restrict out,
-                          float* __restrict column_max) {
+// Writes every column's maximum of x (-inf for empty columns) and, with kCopy, copies x to out;
+// returns whether every value is finite. One pass; x * 0 is 0 for finite x and NaN for NaN and
+// +-inf.
+template <bool kCopy>
+PHI3EDGE_MULTIVERSION bool scan_columns(const float* __restrict x, std::int64_t n,
+                                        float* __restrict out, float* __restrict column_max) {
     float poison[kLanes] = {};
     const std::int64_t groups = n / kGroup;
     for (std::int64_t g = 0; g < groups; ++g) {
         const float* src = x + g * kGroup;
-        float* dst = out + g * kGroup;
         float lane[kLanes];
         for (std::int64_t j = 0; j < kLanes; ++j) {
             lane[j] = -kInf;
@@ -263,7 +263,9 @@ bool copy_with_column_max(const float* __restrict x, std::int64_t n, float* __re
             PHI3EDGE_LANE_LOOP
             for (std::int64_t j = 0; j < kLanes; ++j) {
                 const float v = src[r + j];
-                dst[r + j] = v;
+                if constexpr (kCopy) {
+                    out[g * kGroup + r + j] = v;
+                }
                 lane[j] = std::max(lane[j], v);
                 poison[j] += v * 0.0F;
             }
@@ -277,7 +279,9 @@ bool copy_with_column_max(const float* __restrict x, std::int64_t n, float* __re
         std::fill(column_max + groups * kLanes, column_max + (groups + 1) * kLanes, -kInf);
         for (std::int64_t i = groups * kGroup; i < n; ++i) {
             float& m = column_max[groups * kLanes + i % kLanes];
-            out[i] = x[i];
+            if constexpr (kCopy) {
+                out[i] = x[i];
+            }
             m = std::max(m, x[i]);
             finite += x[i] * 0.0F;
         }
@@ -286,6 +290,47 @@ bool copy_with_column_max(const float* __restrict x, std::int64_t n, float* __re
         finite += p;
     }
     return finite == 0.0F;
+}
+
+bool copy_with_column_max(const float* x, std::int64_t n, float* out, float* column_max) {
+    return scan_columns<true>(x, n, out, column_max);
+}
+
+inline std::int64_t popcount32(std::uint32_t v) {
+    std::int64_t count = 0;
+    for (; v != 0; v &= v - 1) {
+        ++count;
+    }
+    return count;
+}
+
+// Step 2b on the copied row: x[j] = -inf where bit j of allowed is clear, then the column maxima
+// again. Returns how many of the n tokens are allowed (bits at or beyond n are ignored).
+std::int64_t apply_allowed(const std::uint32_t* allowed, std::int64_t n, float* x,
+                           float* column_max) {
+    const std::int64_t words = (n + 31) / 32;
+    std::int64_t count = 0;
+    bool masked = false;
+    for (std::int64_t w = 0; w < words; ++w) {
+        const std::int64_t base = w * 32;
+        const std::int64_t width = std::min<std::int64_t>(32, n - base);
+        const std::uint32_t in_range = width == 32 ? ~0U : (1U << width) - 1U;
+        const std::uint32_t bits = allowed[w] & in_range;
+        count += popcount32(bits);
+        if (bits == in_range) {
+            continue;
+        }
+        masked = true;
+        for (std::int64_t j = 0; j < width; ++j) {
+            if (((bits >> j) & 1U) == 0U) {
+                x[base + j] = -kInf;
+            }
+        }
+    }
+    if (masked) {
+        scan_columns<false>(x, n, nullptr, column_max);
+    }
+    return count;
 }
 
 PHI3EDGE_MULTIVERSION
@@ -651,14 +696,28 @@ void apply_penalties(const SamplingParams& params, const RowState& state, std::i
     }
 }
 
-// Steps 1-2 into ws.logits (and ws.column_max); returns the maximum of the processed row.
-float process_row(const float* raw, std::int64_t vocab, std::int64_t row,
-                  const SamplingParams& params, const RowState& state, Workspace& ws) {
+struct Processed {
+    float max;             // of the processed row
+    std::int64_t allowed;  // tokens the mask leaves (vocab without one)
+};
+
+// Steps 1-2b into ws.logits (and ws.column_max). allowed: the row's bitmask, or null.
+Processed process_row(const float* raw, std::int64_t vocab, std::int64_t row,
+                      const SamplingParams& params, const RowState& state,
+                      const std::uint32_t* allowed, Workspace& ws) {
     const bool finite = copy_with_column_max(raw, vocab, ws.logits.data(), ws.column_max.data());
     require(finite, [&] { return "logits row " + std::to_string(row) + " contains NaN or inf"; });
     apply_logit_bias(params, vocab, ws);
     apply_penalties(params, state, vocab, ws);
-    return max_of(ws.column_max.data(), static_cast<std::int64_t>(ws.column_max.size()));
+    std::int64_t count = vocab;
+    if (allowed != nullptr) {
+        count = apply_allowed(allowed, vocab, ws.logits.data(), ws.column_max.data());
+        require(count > 0, [&] {
+            return "the allowed-token mask of row " + std::to_string(row) + " allows no token";
+        });
+    }
+    return Processed{max_of(ws.column_max.data(), static_cast<std::int64_t>(ws.column_max.size())),
+                     count};
 }
 
 struct Softmax {
@@ -700,12 +759,14 @@ struct Needs {
     double min_mass;        // weight the candidates must hold (top_p alone)
 };
 
-Needs needs_of(const SamplingParams& params, std::int64_t vocab, const Softmax& softmax) {
+// candidates: the tokens that can be chosen (the vocabulary, or what a mask allows).
+Needs needs_of(const SamplingParams& params, std::int64_t candidates, const Softmax& softmax) {
     const bool greedy = softmax.weights == nullptr;
     Needs needs{};
-    needs.top_n = static_cast<std::size_t>(std::min<std::int64_t>(params.top_logprobs(), vocab));
+    needs.top_n =
+        static_cast<std::size_t>(std::min<std::int64_t>(params.top_logprobs(), candidates));
     needs.head = greedy ? std::max<std::size_t>(needs.top_n, 1) : needs.top_n;
-    needs.top_k = !greedy && params.top_k() < vocab ? params.top_k() : 0;
+    needs.top_k = !greedy && params.top_k() < candidates ? params.top_k() : 0;
     needs.nucleus = !greedy && params.top_p() < 1.0;
     needs.min_count = needs.head;
     if (needs.top_k > 0 || needs.nucleus) {
@@ -742,16 +803,17 @@ std::int32_t choose_token(Candidate* c, std::size_t n, const Needs& needs, const
 }
 
 void sample_row(const float* raw, std::int64_t vocab, std::int64_t row,
-                const SamplingParams& params, const RowState& state, double u, Workspace& ws,
-                const RowOut& out) {
-    const float max = process_row(raw, vocab, row, params, state, ws);  // 1-2
+                const SamplingParams& params, const RowState& state, const std::uint32_t* allowed,
+                double u, Workspace& ws, const RowOut& out) {
+    const Processed processed = process_row(raw, vocab, row, params, state, allowed, ws);  // 1-2b
+    const float max = processed.max;
     const Softmax softmax = softmax_passes(ws, vocab, max, params.temperature());
     const auto logprob = [&](std::int32_t id) {  // 3
         const double value = static_cast<double>(ws.logits[static_cast<std::size_t>(id)]) -
                              static_cast<double>(max) - softmax.log_z;
         return value < -static_cast<double>(FLT_MAX) ? -kInf : static_cast<float>(value);
     };
-    const Needs needs = needs_of(params, vocab, softmax);
+    const Needs needs = needs_of(params, processed.allowed, softmax);
     std::size_t n = 0;
     if (needs.min_count > 0) {
         // Histogram bins are a quarter of this many logits wide: the temperature when sampling.
@@ -797,6 +859,11 @@ void check_batch(const BatchView& batch, const std::vector<const SamplingParams*
         }
         seen.emplace_back(states[r], r);
     }
+    require(batch.allowed == nullptr || batch.allowed_words == (batch.vocab + 31) / 32, [&] {
+        return "the allowed-token mask has " + std::to_string(batch.allowed_words) +
+               " words per row; vocab size " + std::to_string(batch.vocab) + " needs " +
+               std::to_string((batch.vocab + 31) / 32);
+    });
     std::sort(seen.begin(), seen.end(), [](const auto& a, const auto& b) {
         return std::less<const RowState*>()(a.first, b.first);
     });
@@ -818,7 +885,9 @@ void sample_batch(const BatchView& batch, const std::vector<const SamplingParams
     for (std::int64_t r = 0; r < batch.rows; ++r) {
         const RowOut out{batch.tokens + r, batch.logprobs + r, batch.top_ids + r * k,
                          batch.top_logprobs + r * k, batch.top_slots};
-        sample_row(batch.logits + r * batch.vocab, batch.vocab, r, *params[r], *states[r],
+        const std::uint32_t* allowed =
+            batch.allowed != nullptr ? batch.allowed + r * batch.allowed_words : nullptr;
+        sample_row(batch.logits + r * batch.vocab, batch.vocab, r, *params[r], *states[r], allowed,
                    states[r]->peek_uniform(), ws, out);
     }
     for (std::int64_t r = 0; r < batch.rows; ++r) {  // commit only once every row succeeded

@@ -4,6 +4,8 @@
 //   1. logit_bias          l[id] += bias[id]
 //   2. penalties           l[j]  -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty,
 //                          only over the ids this row generated (c = RowState counts)
+//   2b. allowed mask       l[j]  = -inf where the row's constraint bitmask clears bit j
+//                          (structured output); steps 3-7 then see only the allowed tokens
 //   3. reported logprobs   log_softmax(l) at temperature 1: the chosen token's logprob and the
 //                          top_logprobs best alternatives (logprob desc, then id asc)
 //   4. temperature         0 -> argmax (ties -> lowest id), steps 5-7 skipped; else l / temperature
@@ -103,11 +105,16 @@ struct BatchView {
     float* logprobs;        // [rows]
     std::int32_t* top_ids;  // [rows, K]
     float* top_logprobs;    // [rows, K]
+    // Optional [rows, allowed_words] bitmask, bit j of word j / 32 set = token j allowed (the
+    // layout of llguidance's token bitmask); null = every token allowed in every row.
+    const std::uint32_t* allowed = nullptr;
+    std::int64_t allowed_words = 0;
 };
 
 // Runs steps 1-7 for every row, then commits the choices to the states. Throws
 // std::invalid_argument (and leaves every state untouched) on non-finite logits, a vocabulary
-// mismatch or a bias id outside the vocabulary. Does not touch Python: safe without the GIL.
+// mismatch, a bias id outside the vocabulary or a mask that allows no token of a row. Masked
+// tokens are never chosen nor reported among the top alternatives. Does not touch Python: safe without the GIL.
 void sample_batch(const BatchView& batch, const std::vector<const SamplingParams*>& params,
                   const std::vector<RowState*>& states);
 

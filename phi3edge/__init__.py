@@ -15,6 +15,7 @@ __all__ = [
     "ApiError",
     "AssistantMessage",
     "ChatCompletionsClient",
+    "JsonSchemaFormat",
     "Limits",
     "SystemMessage",
     "UserMessage",
@@ -23,7 +24,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("ChatCompletionsClient", "SystemMessage", "UserMessage", "AssistantMessage"):
+    if name in (
+        "ChatCompletionsClient",
+        "JsonSchemaFormat",
+        "SystemMessage",
+        "UserMessage",
+        "AssistantMessage",
+    ):
         from phi3edge import client
 
         return getattr(client, name)

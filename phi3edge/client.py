@@ -7,7 +7,9 @@ Code written for the cloud endpoint changes one constructor::
 
 Input: messages (dicts, the message classes below, or any object with ``role``/``content``) and the
 cloud's parameters, directly or in ``model_extras`` (Phi-3's ``logit_bias``, ``logprobs``,
-``top_logprobs``, ``n``). Output: ``ChatCompletions`` or an iterator of streaming updates.
+``top_logprobs``, ``n``; phi3edge's ``guided_regex`` and ``guided_grammar``); ``response_format``
+as ``"json_object"``, a ``JsonSchemaFormat`` or the REST dict. Output: ``ChatCompletions`` or an
+iterator of streaming updates.
 Errors: ``ApiError`` with the status, code and param the HTTP shim would send.
 """
 
@@ -56,6 +58,26 @@ class UserMessage(ChatRequestMessage):
 class AssistantMessage(ChatRequestMessage):
     def __init__(self, content: Any) -> None:
         super().__init__(content, "assistant")
+
+
+@dataclass
+class JsonSchemaFormat:
+    """``response_format`` for output that follows a JSON schema (azure.ai.inference.models'
+    ``JsonSchemaFormat``, which this client also accepts)."""
+
+    name: str
+    schema: dict[str, Any]
+    description: str | None = None
+    strict: bool | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        fields = {
+            "name": self.name,
+            "schema": self.schema,
+            "description": self.description,
+            "strict": self.strict,
+        }
+        return {k: v for k, v in fields.items() if v is not None}
 
 
 _KNOWN = AZURE_PARAMETERS | PHI3_EXTRA_PARAMETERS
@@ -138,6 +160,10 @@ class ChatCompletionsClient:
             request_body["stream"] = stream
         request_body.update(model_extras if model_extras is not None else self._model_extras)
         request_body["messages"] = [_message_dict(m) for m in request_body.get("messages") or []]
+        response_format = request_body.get("response_format")
+        if hasattr(response_format, "as_dict"):  # a JsonSchemaFormat, ours or the Azure SDK's
+            schema_format = dict(response_format.as_dict())
+            request_body["response_format"] = {"type": "json_schema", "json_schema": schema_format}
         return parse_request(request_body, route="azure", extra_parameters="pass-through")
 
     def complete_batch(self, requests: list[dict[str, Any]]) -> list[ChatCompletions]:

@@ -516,6 +516,8 @@ class _EngineLoop:
             try:
                 cfg = request.sampling()
                 engine.sampler_params(cfg, self.model.vocab_size)  # logit_bias ids in range
+                if cfg.grammar is not None:  # this vocabulary can produce it
+                    cfg.grammar.checked(self.model.grammar_tokenizer.get())
                 prompt = build_prompt(
                     self.model,
                     request.messages,

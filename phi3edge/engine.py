@@ -27,6 +27,7 @@ import numpy as np
 from phi3edge import _sampling
 from phi3edge.detokenize import IncrementalDecoder, StopFilter
 from phi3edge.errors import bad_request
+from phi3edge.guidance import Constraint, mask_words
 from phi3edge.prompt import Prompt
 from phi3edge.runtime import LoadedModel
 from phi3edge.schema import SamplingConfig
@@ -238,6 +239,7 @@ def generate(
                 prompt.max_new_tokens,
                 cfg.logprobs,
                 halt,
+                _constraint(model, cfg),
             )
             for steps in _decode(model, generator, [row]):
                 yield [step for _, step in steps]
@@ -336,6 +338,7 @@ def generate_batch(
                     item.prompt.max_new_tokens,
                     item.cfg.logprobs,
                     item.halt,
+                    _constraint(model, item.cfg),
                 )
             )
             prompts.append(item.prompt.ids)
@@ -368,6 +371,15 @@ class _Row:
     max_new_tokens: int
     logprobs: bool
     halt: Halt | None = None
+    constraint: Constraint | None = None  # structured output: the tokens it allows
+
+    @property
+    def open(self) -> bool:
+        return self.choice.finish_reason is None
+
+
+def _constraint(model: LoadedModel, cfg: SamplingConfig) -> Constraint | None:
+    return Constraint(cfg.grammar, model.grammar_tokenizer) if cfg.grammar else None
 
 
 def _decode(
@@ -377,28 +389,37 @@ def _decode(
 
     Before each step every open row's ``halt`` is asked: a cancelled row ends silently, a row out
     of time ends with finish_reason ``length`` (its held-back text released). Ended rows are fed
-    a filler token until the whole batch ends.
+    a filler token until the whole batch ends. Rows with a constraint get their allowed-token
+    bitmask each step (the others allow everything); one ends with ``stop`` as soon as its
+    grammar is complete.
     """
     vocab = model.vocab_size
     filler = np.int32(min(model.eos_ids))
     params = [r.params for r in rows]
     states = [r.state for r in rows]
+    constrained = any(r.constraint for r in rows)
+    masks = np.full((len(rows), mask_words(vocab)), -1, dtype=np.int32) if constrained else None
     while True:
-        ended = [(r.request, _halt(r)) for r in rows if r.choice.finish_reason is None]
+        ended = [(r.request, _halt(r)) for r in rows if r.open]
         reported = [(request, s) for request, s in ended if s is not None and s.finish_reason]
-        if all(r.choice.finish_reason for r in rows):
+        if not any(r.open for r in rows):
             if reported:
                 yield reported
             return
-        step = _sampling.sample(generator.get_logits(), params, states)
+        if masks is not None:
+            for i, r in enumerate(rows):
+                if r.constraint is not None:
+                    if r.open:
+                        r.constraint.fill(masks[i])
+                    else:  # an ended row's grammar may allow nothing; its token is a filler
+                        masks[i] = -1
+        step = _sampling.sample(generator.get_logits(), params, states, masks)
         yield reported + [
-            (r.request, _advance(model, r.choice, step, i, r.max_new_tokens, r.logprobs))
-            for i, r in enumerate(rows)
-            if r.choice.finish_reason is None
+            (r.request, _advance(model, r, step, i)) for i, r in enumerate(rows) if r.open
         ]
-        if all(r.choice.finish_reason for r in rows):
+        if not any(r.open for r in rows):
             return
-        active = [r.choice.finish_reason is None for r in rows]
+        active = [r.open for r in rows]
         chosen = np.where(active, step.tokens, filler).astype(np.int32)
         generator.set_logits(_sampling.force_logits(chosen, vocab))
         generator.generate_next_token()
@@ -422,30 +443,28 @@ def _halt(row: _Row) -> ChoiceStep | None:
     return out
 
 
-def _advance(
-    model: LoadedModel,
-    choice: _Choice,
-    step: _sampling.StepOutput,
-    row: int,
-    max_new_tokens: int,
-    want_logprobs: bool,
-) -> ChoiceStep:
-    token = int(step.tokens[row])
+def _advance(model: LoadedModel, row: _Row, step: _sampling.StepOutput, i: int) -> ChoiceStep:
+    """Take row ``row``'s token from ``step`` (its ``i``-th row): text, logprobs, and whether the
+    choice ends (EOS, a stop string, a complete grammar, max_tokens)."""
+    choice = row.choice
+    token = int(step.tokens[i])
     choice.generated += 1
     out = ChoiceStep(choice.index, sampled=True)
+    if row.constraint is not None:
+        row.constraint.accept(token)
     if token in model.eos_ids:
         choice.finish_reason = "stop"
     else:
-        if want_logprobs:
-            k = int(np.count_nonzero(step.top_ids[row] >= 0))
-            top = tuple(
-                (int(step.top_ids[row, j]), float(step.top_logprobs[row, j])) for j in range(k)
-            )
-            out.tokens.append(TokenLogprob(token, float(step.logprobs[row]), top))
+        if row.logprobs:
+            k = int(np.count_nonzero(step.top_ids[i] >= 0))
+            top = tuple((int(step.top_ids[i, j]), float(step.top_logprobs[i, j])) for j in range(k))
+            out.tokens.append(TokenLogprob(token, float(step.logprobs[i]), top))
         out.text = choice.stop.push(choice.decoder.push(token))
         if choice.stop.stopped:
             choice.finish_reason = "stop"
-        elif choice.generated >= max_new_tokens:
+        elif row.constraint is not None and row.constraint.complete:
+            choice.finish_reason = "stop"  # nothing but the end can follow
+        elif choice.generated >= row.max_new_tokens:
             choice.finish_reason = "length"
     if choice.finish_reason and not choice.stop.stopped:
         out.text += choice.stop.push(choice.decoder.flush()) + choice.stop.flush()

@@ -10,8 +10,8 @@ so FastAPI never sees a body model. ``AzureChatCompletionsRequest`` and
 ``OpenAIChatCompletionsRequest`` below *describe* the wire request for clients and fuzzers; their
 fields are exactly ``AZURE_PARAMETERS | PHI3_EXTRA_PARAMETERS`` and ``OPENAI_PARAMETERS`` and their
 bounds are ``ChatRequest``'s (tests/test_http_guard.py checks both). They describe what this
-server *serves*: features Phi-3 lacks (tools, JSON mode, image parts) are outside the schema and
-answer 422. Rules JSON Schema cannot state still answer 400: on the Azure route the Phi-3 extras
+server *serves*: features Phi-3 lacks (tools, image parts) are outside the schema and answer
+422. Rules JSON Schema cannot state still answer 400: on the Azure route the Phi-3 extras
 and any other property follow the ``extra-parameters`` header (so that body admits other
 properties; the OpenAI one does not), the prompt plus ``max_tokens`` must fit the context,
 ``logit_bias`` ids must be in the vocabulary, strings must be valid Unicode (no lone surrogates),
@@ -69,11 +69,28 @@ class ChatRequestMessage(BaseModel):
     content: str | list[TextContentPart]
 
 
-class ResponseFormat(BaseModel):
-    """Only ``text`` is served; ``json_object`` and ``json_schema`` answer 422."""
+class JsonSchemaFormat(BaseModel):
+    """The schema the answer must follow (enforced while sampling, whatever ``strict`` says)."""
 
-    model_config = ConfigDict(extra="allow")
-    type: Literal["text"]
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64, pattern="^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(
+        None,
+        alias="schema",
+        description="A JSON Schema; none means any JSON value. One that cannot be compiled "
+        "into a grammar answers 400 naming response_format, with the reason.",
+    )
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``text`` (the default), ``json_object`` (any JSON object) or ``json_schema`` (with
+    ``json_schema``, and only with it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class StreamOptions(BaseModel):
@@ -119,8 +136,10 @@ _NEEDS_STREAM = {
 class AzureChatCompletionsRequest(BaseModel):
     """POST /chat/completions body (Azure AI Model Inference). ``null`` means "not given".
 
-    ``logit_bias``, ``logprobs``, ``top_logprobs`` and ``n`` are outside the Azure schema: they
-    need the header ``extra-parameters: pass-through``. Other unknown properties answer 400
+    ``logit_bias``, ``logprobs``, ``top_logprobs``, ``n``, ``guided_regex`` and
+    ``guided_grammar`` are outside the Azure schema: they need the header
+    ``extra-parameters: pass-through``. At most one of a JSON ``response_format``,
+    ``guided_regex`` and ``guided_grammar`` per request. Other unknown properties answer 400
     (``extra-parameters: error``, the default), are dropped (``drop``) or answer 422
     (``pass-through``).
     """
@@ -143,7 +162,7 @@ class AzureChatCompletionsRequest(BaseModel):
     stop: _STOP | Annotated[list[_STOP], Field(max_length=MAX_STOP)] | None = None
     stream: bool | None = None
     seed: int | None = Field(None, **_INT64)
-    response_format: ResponseFormat | Literal["text"] | None = None
+    response_format: ResponseFormat | Literal["text", "json_object"] | None = None
     tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = Field(
         None, description="Phi-3 has no tool calling: tools answer 422."
     )
@@ -153,6 +172,12 @@ class AzureChatCompletionsRequest(BaseModel):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Needs logprobs: true.")
     n: int | None = Field(None, ge=1, le=MAX_N)
+    guided_regex: str | None = Field(
+        None, min_length=1, description="The answer matches this regular expression (Rust regex)."
+    )
+    guided_grammar: str | None = Field(
+        None, min_length=1, description="The answer follows this Lark grammar (llguidance)."
+    )
 
 
 class OpenAIChatCompletionsRequest(AzureChatCompletionsRequest):

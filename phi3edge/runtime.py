@@ -20,6 +20,7 @@ from typing import Any
 
 from phi3edge.detokenize import TokenTable
 from phi3edge.export import ExportError, Manifest
+from phi3edge.guidance import GrammarTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class LoadedModel:
     kv_bytes_per_token: int
     context_length: int
     threads: int
+    grammar_tokenizer: GrammarTokenizer  # structured output; built on its first use
     adapters: Any = None  # og.Adapters holding every adapter of the manifest, or None
     adapter_names: tuple[str, ...] = ()
 
@@ -132,6 +134,7 @@ def load(folder: str | os.PathLike[str], threads: int | None = None) -> LoadedMo
         folder,
         threads,
     )
+    vocab_size = int(genai["model"]["vocab_size"])
     return LoadedModel(
         folder=folder,
         manifest=manifest,
@@ -141,9 +144,10 @@ def load(folder: str | os.PathLike[str], threads: int | None = None) -> LoadedMo
         eos_ids=eos_ids,
         pad_id=pad_id,
         kv_bytes_per_token=_kv_bytes_per_token(genai["model"]["decoder"]),
-        vocab_size=int(genai["model"]["vocab_size"]),
+        vocab_size=vocab_size,
         context_length=int(genai["model"]["context_length"]),
         threads=threads,
+        grammar_tokenizer=GrammarTokenizer(folder / "tokenizer.json", vocab_size, eos_ids),
         adapters=adapters,
         adapter_names=tuple(manifest.adapters),
     )

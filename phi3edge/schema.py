@@ -14,9 +14,18 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from phi3edge.errors import ApiError, bad_request, not_supported
+from phi3edge.guidance import ANY_JSON_OBJECT, Grammar
 
 Route = Literal["azure", "openai"]
 EXTRA_PARAMETER_POLICIES = ("error", "drop", "pass-through")
@@ -40,8 +49,12 @@ AZURE_PARAMETERS = frozenset(
         "tool_choice",
     }
 )
-# What Phi-3 deployments accept beyond that schema when passed through.
-PHI3_EXTRA_PARAMETERS = frozenset({"logit_bias", "logprobs", "top_logprobs", "n"})
+# What Phi-3 deployments accept beyond that schema when passed through, plus phi3edge's own
+# constraints (vLLM's names): output that matches a regular expression or a Lark grammar.
+GUIDED_PARAMETERS = frozenset({"guided_regex", "guided_grammar"})
+PHI3_EXTRA_PARAMETERS = (
+    frozenset({"logit_bias", "logprobs", "top_logprobs", "n"}) | GUIDED_PARAMETERS
+)
 # OpenAI's chat-completions parameters that are ordinary on the /v1 route.
 OPENAI_PARAMETERS = (
     AZURE_PARAMETERS
@@ -95,6 +108,41 @@ class Message(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema`` (OpenAI's shape; the Azure SDK's ``JsonSchemaFormat``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    # No schema: any JSON value. "schema" shadows a BaseModel attribute, hence the alias.
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    # Enforced either way: the sampler cannot produce output outside the schema.
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only with it")
+        return self
+
+    def grammar(self) -> Grammar | None:
+        if self.type == "json_object":
+            return Grammar.from_json_schema(ANY_JSON_OBJECT, "response_format")
+        if self.json_schema is not None:
+            return Grammar.from_json_schema(self.json_schema.json_schema, "response_format")
+        return None
+
+
 class ChatRequest(BaseModel):
     """A validated chat-completions request (Azure field order; extensions fenced below)."""
 
@@ -114,14 +162,41 @@ class ChatRequest(BaseModel):
     )
     stream: bool = False
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     # --- Phi-3 extra parameters (pass-through on Azure, ordinary on OpenAI) ---
     logit_bias: dict[int, float] = Field(default_factory=dict)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     n: int = Field(1, ge=1, le=MAX_N)
+    guided_regex: str | None = Field(None, min_length=1)
+    guided_grammar: str | None = Field(None, min_length=1)  # Lark
     # --- OpenAI-only ---
     include_usage_in_stream: bool = False
+    # The constraint compiled from response_format / guided_* (here, off the engine thread).
+    _grammar: Grammar | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _compile_grammar(self) -> ChatRequest:
+        """At most one constraint per request, compiled once (an ApiError names the parameter)."""
+        response_format = self.response_format
+        given = [
+            name
+            for name, wanted in (
+                ("response_format", response_format is not None and response_format.type != "text"),
+                ("guided_regex", self.guided_regex is not None),
+                ("guided_grammar", self.guided_grammar is not None),
+            )
+            if wanted
+        ]
+        if len(given) > 1:
+            raise bad_request(f"give one of {' and '.join(given)}, not both", given[1])
+        if response_format is not None:
+            self._grammar = response_format.grammar()
+        if self.guided_regex is not None:
+            self._grammar = Grammar.from_regex(self.guided_regex, "guided_regex")
+        if self.guided_grammar is not None:
+            self._grammar = Grammar.from_lark(self.guided_grammar, "guided_grammar")
+        return self
 
     @field_validator("max_tokens", "seed", "top_logprobs", "n", mode="before")
     @classmethod
@@ -176,6 +251,7 @@ class ChatRequest(BaseModel):
             n=self.n,
             max_tokens=self.max_tokens,
             stop=tuple(self.stop),
+            grammar=self._grammar,
         )
 
 
@@ -231,6 +307,7 @@ class SamplingConfig:
     n: int = 1
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
+    grammar: Grammar | None = None  # structured output (guidance.py)
 
 
 def parse_request(
@@ -310,17 +387,6 @@ def _reject_unsupported(body: dict[str, Any]) -> None:
             "parallel_tool_calls",
             code="invalid_parameter",
         )
-    response_format = body.get("response_format")
-    if response_format is not None:
-        kind = response_format.get("type") if isinstance(response_format, dict) else response_format
-        if kind != "text":
-            if kind in ("json_object", "json_schema"):
-                raise not_supported(
-                    f"response_format '{kind}' is not supported by Phi-3 models", "response_format"
-                )
-            raise bad_request(
-                f"invalid response_format {_show(response_format)}", "response_format"
-            )
     messages = body.get("messages")
     if isinstance(messages, list):
         for i, message in enumerate(messages):

@@ -135,7 +135,7 @@ def test_errors_are_api_errors(client: ChatCompletionsClient) -> None:
     cases = [
         ({"temperature": 3}, 400, "temperature"),
         ({"logit_bias": {"40000": 5}}, 400, "logit_bias"),
-        ({"response_format": {"type": "json_object"}}, 422, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, 400, "response_format"),
         ({"max_tokens": 5000}, 400, "max_tokens"),
         ({"model": "gpt-4o"}, 404, "model"),
         ({"frobnicate": 1}, 400, "frobnicate"),

@@ -36,6 +36,23 @@ def reference_processed(logits: np.ndarray, params: SamplingParams, counts: dict
     return x.astype(np.float64)
 
 
+def reference_masked(x: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    """Step 2b: tokens the constraint does not allow become -inf."""
+    return x if allowed is None else np.where(allowed, x, -np.inf)
+
+
+def pack_mask(allowed: np.ndarray, junk_seed: int | None = None) -> np.ndarray:
+    """bool [B, V] -> int32 words [B, ceil(V / 32)], bit j of word j // 32 = token j (llguidance's
+    layout, written with numpy's own bit packing). junk_seed sets random bits beyond V."""
+    rows, vocab = allowed.shape
+    words = (vocab + 31) // 32
+    bits = np.zeros((rows, words * 32), dtype=bool)
+    bits[:, :vocab] = allowed
+    if junk_seed is not None:
+        bits[:, vocab:] = np.random.default_rng(junk_seed).random((rows, words * 32 - vocab)) < 0.5
+    return np.packbits(bits, axis=1, bitorder="little").view(np.int32).reshape(rows, words)
+
+
 def reference_logprobs(x: np.ndarray) -> np.ndarray:
     """Step 3: log-softmax at temperature 1, in float64."""
     shifted = x - x.max()
@@ -506,6 +523,84 @@ def test_concurrent_calls_on_distinct_states_match_sequential_ones() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# the allowed-token mask (structured output)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_mask_keeps_greedy_off_the_argmax_and_renormalises_logprobs() -> None:
+    allowed = np.array([[True, True, True, False]])  # the argmax (3) is not allowed
+    params = SamplingParams(temperature=0.0, top_logprobs=4)
+    out = sample(np.asarray([LOG_P], np.float32), [params], [RowState(4)], pack_mask(allowed))
+    assert out.tokens.tolist() == [2]
+    assert out.logprobs[0] == pytest.approx(math.log(0.3 / 0.6), abs=1e-5)
+    # only allowed tokens are reported; the unused slots are empty
+    assert out.top_ids.tolist() == [[2, 1, 0, -1]]
+    np.testing.assert_allclose(out.top_logprobs[0, :3], np.log([0.5, 1 / 3, 1 / 6]), atol=1e-5)
+
+
+def test_mask_samples_the_renormalised_distribution() -> None:
+    draws = 20000
+    allowed = np.repeat(np.array([[True, False, True, False]]), draws, axis=0)
+    batch = np.repeat(np.asarray([LOG_P], np.float32), draws, axis=0)
+    out = sample(batch, [SamplingParams()] * draws, states_for(draws, 4), pack_mask(allowed))
+    observed = np.bincount(out.tokens, minlength=4) / draws
+    assert_distribution(observed, {0: 0.25, 2: 0.75}, draws)
+
+
+def test_mask_beats_a_plus_100_bias_and_a_single_allowed_token_is_forced() -> None:
+    vocab = 1000
+    logits = np.random.default_rng(3).normal(size=(2, vocab)).astype(np.float32)
+    allowed = np.zeros((2, vocab), dtype=bool)
+    allowed[0, 777] = True
+    allowed[1, [5, 999]] = True
+    params = [SamplingParams(logit_bias={1: 100.0}), SamplingParams(temperature=0.0, top_k=1)]
+    for _ in range(20):
+        out = sample(logits, params, states_for(2, vocab), pack_mask(allowed, junk_seed=1))
+        assert out.tokens[0] == 777 and out.logprobs[0] == 0.0
+        assert out.tokens[1] in (5, 999)
+
+
+def test_rows_without_a_mask_are_unconstrained_with_all_bits_set() -> None:
+    logits = np.asarray([LOG_P, LOG_P], np.float32)
+    masks = np.full((2, 1), -1, dtype=np.int32)
+    masks[1] = pack_mask(np.array([[True, False, False, False]]))
+    out = sample(logits, [SamplingParams(temperature=0.0)] * 2, states_for(2, 4), masks)
+    assert out.tokens.tolist() == [3, 0]
+    unsigned = sample(
+        logits, [SamplingParams(temperature=0.0)] * 2, states_for(2, 4), masks.view(np.uint32)
+    )
+    assert unsigned.tokens.tolist() == [3, 0]
+
+
+@pytest.mark.parametrize(
+    ("masks", "error", "match"),
+    [
+        (np.zeros((2, 1), dtype=np.int32), ValueError, "row 0 allows no token"),
+        (np.full((2, 1), -1, dtype=np.int64), ValueError, "int32 or uint32"),
+        (np.full((2, 2), -1, dtype=np.int32), ValueError, r"shape \(2, 1\)"),
+        (np.full((1, 1), -1, dtype=np.int32), ValueError, r"shape \(2, 1\)"),
+        (np.full(2, -1, dtype=np.int32), ValueError, "shape"),
+        ([[-1], [-1]], TypeError, "numpy int32 or uint32 array"),
+    ],
+)
+def test_invalid_masks_raise_and_change_no_state(masks, error: type, match: str) -> None:
+    logits, params, states = good_call(vocab=16)
+    with pytest.raises(error, match=match):
+        sample(logits, params, states, masks)
+    assert all(sum(s.count(t) for t in range(16)) == 0 for s in states)
+
+
+def test_a_mask_that_clears_only_bits_beyond_the_vocabulary_changes_nothing() -> None:
+    logits, params, states = good_call(vocab=40)
+    masks = np.full((2, 2), -1, dtype=np.int32)
+    masks[:, 1] = 0xFF  # tokens 32..39 allowed, the 24 bits beyond 40 cleared
+    assert (
+        sample(logits, params, states, masks).tokens.tolist()
+        == sample(*good_call(vocab=40)).tokens.tolist()
+    )
+
+
+# ------------------------------------------------------------------------------------------------
 # the NumPy reference on random inputs
 # ------------------------------------------------------------------------------------------------
 
@@ -535,28 +630,36 @@ def sampling_cases(draw: st.DrawFn):
         for _ in range(rows)
     ]
     history = [draw(st.lists(ids, max_size=12)) for _ in range(rows)]
-    return logits, params, history
+    allowed = None
+    if draw(st.booleans()):  # a constraint mask: sparse, half or nearly full, never empty
+        density = draw(st.sampled_from([0.0, 0.02, 0.5, 0.98]))
+        allowed = rng.random((rows, vocab)) < density
+        allowed[np.arange(rows), rng.integers(0, vocab, size=rows)] = True
+    return logits, params, history, allowed
 
 
 @settings(max_examples=150, deadline=None)
 @given(sampling_cases())
 def test_kernel_matches_the_numpy_reference(case) -> None:
-    logits, params, history = case
+    logits, params, history, allowed = case
     rows, vocab = logits.shape
     states = states_for(rows, vocab)
     for state, tokens in zip(states, history, strict=True):
         for token in tokens:
             state.accept(token)
-    out = sample(logits, params, states)
+    masks = None if allowed is None else pack_mask(allowed, junk_seed=vocab)
+    out = sample(logits, params, states, masks)
     k = max(p.top_logprobs for p in params)
     assert out.top_ids.shape == (rows, k)
     for r in range(rows):
         counts = {t: history[r].count(t) for t in set(history[r])}
         x = reference_processed(logits[r], params[r], counts)
+        x = reference_masked(x, None if allowed is None else allowed[r])
         logprobs, ranking = reference_logprobs(x), reference_ranking(x)
         token = int(out.tokens[r])
+        assert np.isfinite(x[token]), "a masked token was chosen"
         assert out.logprobs[r] == pytest.approx(logprobs[token], abs=1e-4)
-        used = min(params[r].top_logprobs, vocab)
+        used = min(params[r].top_logprobs, int(np.isfinite(x).sum()))
         assert out.top_ids[r, :used].tolist() == ranking[:used].tolist()
         np.testing.assert_allclose(out.top_logprobs[r, :used], logprobs[ranking[:used]], atol=1e-4)
         assert (out.top_ids[r, used:] == -1).all()

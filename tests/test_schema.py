@@ -102,8 +102,6 @@ def test_bad_extra_parameters_header() -> None:
     [
         {"tools": [{"type": "function", "function": {"name": "f"}}]},
         {"tool_choice": "auto"},
-        {"response_format": {"type": "json_object"}},
-        {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
         {
             "messages": [
                 {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
@@ -115,6 +113,33 @@ def test_bad_extra_parameters_header() -> None:
 def test_unsupported_features_are_422(body: dict[str, Any]) -> None:
     error = _error({"messages": MESSAGES, **body})
     assert (error.status, error.code) == (422, "parameter_not_supported")
+
+
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [
+        ({"response_format": "json_object"}, "json_schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "json_schema"),
+        ({"guided_regex": "[0-9]+"}, "regex"),
+        ({"guided_grammar": 'start: "a"'}, "lark"),
+    ],
+)
+def test_constraints_compile_into_the_sampling_config(body: dict[str, Any], kind: str) -> None:
+    for route in ("openai", "azure"):
+        request = parse_request({"messages": MESSAGES, **body}, route, "pass-through")
+        grammar = request.sampling().grammar
+        assert grammar is not None and grammar.kind == kind
+
+
+def test_text_response_format_and_no_constraint_give_no_grammar() -> None:
+    for body in ({}, {"response_format": {"type": "text"}}, {"response_format": "text"}):
+        assert parse_request({"messages": MESSAGES, **body}).sampling().grammar is None
+
+
+def test_guided_parameters_follow_the_extra_parameters_policy_on_azure() -> None:
+    body = {"messages": MESSAGES, "guided_regex": "a+"}
+    assert _error(body).code == "extra_parameters_not_allowed"
+    assert parse_request(body, "azure", "drop").sampling().grammar is None
 
 
 @pytest.mark.parametrize(
