@@ -10,6 +10,7 @@ one gets both with ``adapter add`` on an existing export.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -264,6 +265,18 @@ def test_complete_batch_groups_requests_by_adapter(
     )
     assert [r.choices[0].message.content for r in results] == [greedy[n] for n in names]
     assert stats.batches - before == 3  # terse x2, base x2, pirate: one generator per adapter
+
+
+def test_structured_output_under_an_adapter(client: Any) -> None:
+    """The grammar mask and the adapter apply together (the mask is per request, not per model)."""
+    regex = "(yes|no), [0-9]{3}"
+    for name in ("pirate", None):
+        kwargs = {"model": name} if name else {}
+        response = client.complete(
+            messages=HELLO, temperature=1.0, seed=3, model_extras={"guided_regex": regex}, **kwargs
+        )
+        choice = response.choices[0]
+        assert choice.finish_reason == "stop" and re.fullmatch(regex, choice.message.content)
 
 
 def test_unknown_model_is_still_404(client: Any) -> None:
