@@ -49,7 +49,7 @@ def time_generation(
     it to an engine thread (``phi3edge.core``). ``adapter``: a LoRA adapter of the model."""
     started = time.perf_counter()
     first = 0.0
-    for steps in engine.generate(model, Prompt(ids, new_tokens), cfg, None, cache, adapter):
+    for steps in engine.generate(model, Prompt(ids, new_tokens), cfg, None, cache, adapter=adapter):
         if steps and not first:  # an empty list is a prefill chunk, not a token
             first = time.perf_counter()
     end = time.perf_counter()

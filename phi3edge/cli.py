@@ -216,7 +216,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allowed_hosts=tuple(args.allowed_host),
     )
     process = args.engine == "process"
-    serve(args.model, settings, threads=args.threads, limits=_limits(args), engine_process=process)
+    serve(
+        args.model,
+        settings,
+        threads=args.threads,
+        limits=_limits(args),
+        engine_process=process,
+        speculative=args.speculative,
+    )
     return 0
 
 
@@ -372,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="process",
         help="run the model in a child process (default: the server never waits for the GIL "
         "that onnxruntime-genai holds while it computes) or in a thread of the server",
+    )
+    serve.add_argument(
+        "--no-speculative",
+        dest="speculative",
+        action="store_false",
+        help="turn off prompt-lookup speculative decoding (on by default for requests that run "
+        "alone: the same tokens, fewer model calls when answers repeat the prompt)",
     )
     serve.add_argument(
         "--max-body-bytes",

@@ -94,6 +94,7 @@ class ChatCompletionsClient:
         kv_cache_entries: int = 1,
         limits: Limits | None = None,
         engine_process: bool = False,
+        speculative: bool = True,
         model_extras: dict[str, Any] | None = None,
         **defaults: Any,
     ) -> None:
@@ -103,6 +104,8 @@ class ChatCompletionsClient:
         ``engine_process``: run the model in a child process, so that this process's other
         threads (a UI, a server) keep running while it computes: onnxruntime-genai holds the
         GIL for the whole of each model call.
+        ``speculative``: decode a request that runs alone with prompt-lookup drafts (the same
+        tokens, fewer model calls when the answer repeats text of the prompt); False: off.
 
         The model runs on its own engine thread; the client may be used from any number of
         threads, and concurrent requests are batched together."""
@@ -113,6 +116,7 @@ class ChatCompletionsClient:
             kv_cache_entries=kv_cache_entries,
             limits=limits,
             engine_process=engine_process,
+            speculative=speculative,
         )
         self._defaults = defaults
         self._model_extras = dict(model_extras or {})

@@ -90,6 +90,15 @@ Event = Started | Steps | Finished | Failed
 BATCH_WINDOW_S = 0.05  # how long the oldest waiting request waits for others to batch with
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs its model (what one request may ask for is ``Limits``)."""
+
+    threads: int | None = None  # ONNX Runtime intra-op threads; None: the physical cores
+    kv_cache_entries: int = 1  # conversations whose KV cache is kept for the next turn (0: off)
+    speculative: bool = True  # prompt-lookup speculative decoding of requests that run alone
+
+
 # ----------------------------------------------------------------------------- jobs
 
 
@@ -294,20 +303,20 @@ class EngineCore:
     def __init__(
         self,
         model_dir: str | Path,
-        threads: int | None = None,
-        kv_cache_entries: int = 1,
+        options: EngineOptions | None = None,
         limits: Limits | None = None,
         process: bool = False,
     ) -> None:
         self.limits = limits or Limits()
         self._shared = _Shared(self.limits)
+        options = options or EngineOptions()
         link: _ThreadLink | Any
         if process:
             from phi3edge.engine_process import ProcessLink
 
-            link = ProcessLink(self._shared, model_dir, threads, kv_cache_entries)
+            link = ProcessLink(self._shared, model_dir, options)
         else:
-            link = _ThreadLink(self._shared, model_dir, threads, kv_cache_entries)
+            link = _ThreadLink(self._shared, model_dir, options)
         self._link = link
         self.model: runtime.LoadedModel = link.model
         self._finalizer = weakref.finalize(self, link.shut_down)
@@ -368,14 +377,12 @@ def metadata(model: runtime.LoadedModel) -> runtime.LoadedModel:
 class _ThreadLink:
     """An engine thread in this process."""
 
-    def __init__(
-        self, shared: _Shared, model_dir: str | Path, threads: int | None, kv_cache_entries: int
-    ) -> None:
+    def __init__(self, shared: _Shared, model_dir: str | Path, options: EngineOptions) -> None:
         self._inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         loaded: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(
             target=run_engine,
-            args=(model_dir, threads, kv_cache_entries, shared.limits, self._inbox),
+            args=(model_dir, options, shared.limits, self._inbox),
             kwargs={"stats": shared.stats, "on_loaded": loaded.put},
             name="phi3edge-engine",
             daemon=True,
@@ -404,8 +411,7 @@ class _ThreadLink:
 
 def run_engine(
     model_dir: str | Path,
-    threads: int | None,
-    kv_cache_entries: int,
+    options: EngineOptions,
     limits: Limits,
     inbox: Any,
     stats: EngineStats,
@@ -415,13 +421,13 @@ def run_engine(
     """The engine: load the model (``on_loaded`` gets it or the error), then answer the jobs
     that ``inbox.get(block, timeout)`` hands over until it hands over None."""
     try:
-        model = runtime.load(model_dir, threads)
+        model = runtime.load(model_dir, options.threads)
     except BaseException as exc:
         on_loaded(exc)
         return
     on_loaded(model)
-    cache = engine.PrefixCache(kv_cache_entries)
-    _EngineLoop(inbox, limits, model, cache, stats, on_stats).run()
+    cache = engine.PrefixCache(options.kv_cache_entries)
+    _EngineLoop(inbox, limits, model, cache, stats, on_stats, options.speculative).run()
 
 
 class _EngineLoop:
@@ -435,8 +441,10 @@ class _EngineLoop:
         prefix_cache: engine.PrefixCache,
         stats: EngineStats,
         on_stats: Callable[[EngineStats], None] | None,
+        speculative: bool,
     ) -> None:
         self.inbox = inbox
+        self.speculative = speculative
         self.limits = limits
         self.model = model
         self.prefix_cache = prefix_cache
@@ -575,7 +583,13 @@ class _EngineLoop:
         if len(chosen) == 1:
             unit = chosen[0]
             work: Iterator[Any] = engine.generate(
-                self.model, unit.prompt, unit.cfg, unit.job.halt, self.prefix_cache, unit.adapter
+                self.model,
+                unit.prompt,
+                unit.cfg,
+                unit.job.halt,
+                self.prefix_cache,
+                speculative=self.speculative,
+                adapter=unit.adapter,
             )
         else:
             work = engine.generate_batch(self.model, [u.item() for u in chosen])

@@ -31,6 +31,7 @@ from phi3edge.guidance import Constraint, mask_words
 from phi3edge.prompt import Prompt
 from phi3edge.runtime import LoadedModel
 from phi3edge.schema import SamplingConfig
+from phi3edge.speculation import DraftLength, PromptLookup, SpeculationStats
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,8 @@ def generate(
     cfg: SamplingConfig,
     halt: Halt | None = None,
     cache: PrefixCache | None = None,
+    speculative: bool = False,
+    stats: SpeculationStats | None = None,
     adapter: str | None = None,
 ) -> Iterator[list[ChoiceStep]]:
     """One request: prefill once, then decode each of its ``n`` choices; yield per unit of work.
@@ -205,6 +208,10 @@ def generate(
     prefill: after choice ``i`` ends, the generator is rewound to the prompt and choice ``i+1``
     re-runs only the prompt's last token (the same logits up to float rounding). Decoding of the
     choices is sequential; each choice keeps its own RNG stream ``(seed, i)``.
+
+    ``speculative``: decode with prompt-lookup drafts (``_decode_speculative``): the same tokens,
+    fewer model calls when the answer repeats text from the prompt or from itself (counted in
+    ``stats``).
     """
     vocab = model.vocab_size
     params = sampler_params(cfg, vocab)
@@ -241,8 +248,13 @@ def generate(
                 halt,
                 _constraint(model, cfg),
             )
-            for steps in _decode(model, generator, [row]):
-                yield [step for _, step in steps]
+            if speculative:
+                yield from _decode_speculative(
+                    model, generator, row, prompt.ids, capacity, stats or SpeculationStats()
+                )
+            else:
+                for steps in _decode(model, generator, [row]):
+                    yield [step for _, step in steps]
         healthy = True
     finally:
         if cache is not None and cache.entries > 0 and healthy:
@@ -423,6 +435,71 @@ def _decode(
         chosen = np.where(active, step.tokens, filler).astype(np.int32)
         generator.set_logits(_sampling.force_logits(chosen, vocab))
         generator.generate_next_token()
+
+
+def _decode_speculative(
+    model: LoadedModel,
+    generator: Any,
+    row: _Row,
+    history: list[int],
+    capacity: int,
+    stats: SpeculationStats,
+) -> Iterator[list[ChoiceStep]]:
+    """The decode loop of one choice with prompt-lookup speculation (``speculation.py``);
+    ``history``: the tokens in the generator (the prompt), ``capacity``: its max_length.
+
+    Each model call appends the last chosen token plus up to k drafted tokens and gives the
+    logits of every position (``get_output("logits")``). Our sampler then chooses position by
+    position exactly as without speculation: each position's logits follow the tokens chosen
+    before it, penalty counts and the constraint follow every chosen token, and each choice takes
+    one draw of the row's RNG. While the chosen token equals the draft, the next position is valid
+    too; the first that differs ends the round, and the generator is rewound past the rejected
+    drafts. So the output, greedy or seeded, is the one decoding without speculation gives (up to
+    the float rounding of a k-token call, about 1e-6 in the logits), and for deterministic drafts
+    this is speculative sampling's accept/resample rule: the output distribution is unchanged.
+
+    ``generate_next_token`` is never used here: it adds a token without running the model on it,
+    so drafts appended after it would get wrong logits.
+    """
+    lookup = PromptLookup(history)
+    length = DraftLength()
+    masks = np.full((1, mask_words(model.vocab_size)), -1, np.int32) if row.constraint else None
+    in_generator = len(history)  # tokens the generator holds, rejected drafts included
+    logits = generator.get_logits()  # [1, 1, V]: after the prompt
+    drafts: list[int] = []
+    while True:
+        accepted, token = 0, -1
+        for j in range(logits.shape[1]):  # position j follows the appended token j
+            halted = _halt(row)
+            if halted is not None:
+                if halted.finish_reason:
+                    yield [halted]
+                return
+            if masks is not None and row.constraint is not None:
+                row.constraint.fill(masks[0])
+            step = _sampling.sample(logits[:, j], [row.params], [row.state], masks)
+            stats.tokens += 1
+            yield [_advance(model, row, step, 0)]
+            if not row.open:
+                return
+            token = int(step.tokens[0])
+            lookup.append(token)
+            if j < len(drafts) and token == drafts[j]:
+                accepted += 1
+            else:
+                break
+        length.update(len(drafts), accepted)
+        stats.accepted += accepted
+        keep = in_generator - len(drafts) + accepted
+        if keep < in_generator:
+            generator.rewind_to(keep)
+        room = min(capacity - keep - 1, row.max_new_tokens - row.choice.generated - 1)
+        drafts = lookup.draft(min(length.next(), room))
+        generator.append_tokens(np.asarray([[token, *drafts]], dtype=np.int32))
+        in_generator = keep + 1 + len(drafts)
+        logits = generator.get_output("logits")
+        stats.model_calls += 1
+        stats.drafted += len(drafts)
 
 
 def _halt(row: _Row) -> ChoiceStep | None:

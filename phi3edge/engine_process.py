@@ -31,7 +31,17 @@ import threading
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from phi3edge.core import EngineStats, Event, Failed, Finished, _Job, _Shared, metadata, run_engine
+from phi3edge.core import (
+    EngineOptions,
+    EngineStats,
+    Event,
+    Failed,
+    Finished,
+    _Job,
+    _Shared,
+    metadata,
+    run_engine,
+)
 from phi3edge.errors import engine_stopped
 from phi3edge.limits import Limits
 
@@ -65,9 +75,7 @@ def _read(stream: BinaryIO) -> Any:
 class ProcessLink:
     """Starts the child, sends it jobs and cancellations, and routes its events back."""
 
-    def __init__(
-        self, shared: _Shared, model_dir: str | Path, threads: int | None, kv_cache_entries: int
-    ) -> None:
+    def __init__(self, shared: _Shared, model_dir: str | Path, options: EngineOptions) -> None:
         self._shared = shared
         # The child imports the very package this process runs (not one the working directory
         # may shadow, such as a source checkout without the compiled sampler).
@@ -82,7 +90,7 @@ class ProcessLink:
         self._lock = threading.Lock()
         self._deliveries: dict[int, Any] = {}  # job id -> its deliver, until its last event
         self._stopping = False
-        config = (str(model_dir), threads, kv_cache_entries, shared.limits)
+        config = (str(model_dir), options, shared.limits)
         _write(self._to_child, self._lock, (config, logging.getLogger().getEffectiveLevel()))
         loaded = _read(self._from_child)
         if loaded is None:
@@ -214,7 +222,7 @@ def main() -> None:
     start = _read(protocol_in)
     if start is None:
         return
-    (model_dir, threads, kv_cache_entries, limits), level = start
+    (model_dir, options, limits), level = start
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     assert isinstance(limits, Limits)
 
@@ -232,9 +240,7 @@ def main() -> None:
         send(("stats", dataclasses.replace(stats)))
 
     inbox = _Inbox(protocol_in, send)
-    run_engine(
-        model_dir, threads, kv_cache_entries, limits, inbox, EngineStats(), on_loaded, on_stats
-    )
+    run_engine(model_dir, options, limits, inbox, EngineStats(), on_loaded, on_stats)
     protocol_out.flush()
     # The stdin reader may still be blocked in a read; a normal interpreter exit would wait on
     # its lock. Everything the parent needs has been sent.

@@ -522,15 +522,23 @@ def serve(
     threads: int | None = None,
     limits: Limits | None = None,
     engine_process: bool = True,
+    speculative: bool = True,
 ) -> None:
     """Load the model, then serve it with uvicorn until interrupted.
 
     ``engine_process``: the model runs in a child process, so that the event loop never waits
-    for the GIL that onnxruntime-genai holds while it computes."""
+    for the GIL that onnxruntime-genai holds while it computes. ``speculative``: prompt-lookup
+    speculative decoding of requests that run alone."""
     import uvicorn
 
     settings = settings or ServerSettings()
-    service = ChatService(model_dir, threads=threads, limits=limits, engine_process=engine_process)
+    service = ChatService(
+        model_dir,
+        threads=threads,
+        limits=limits,
+        engine_process=engine_process,
+        speculative=speculative,
+    )
     app = create_app(service, settings)
     sock = bind_socket(settings.host, settings.port)
     announcement = (

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phi3edge.catalog import get as catalog_member
-from phi3edge.core import EngineCore, Event, Failed, Started, Steps, Ticket
+from phi3edge.core import EngineCore, EngineOptions, Event, Failed, Started, Steps, Ticket
 from phi3edge.detokenize import TokenTable
 from phi3edge.engine import TokenLogprob
 from phi3edge.errors import ApiError, in_batch
@@ -51,9 +51,12 @@ class ChatService:
         kv_cache_entries: int = 1,
         limits: Limits | None = None,
         engine_process: bool = False,
+        speculative: bool = True,
     ) -> None:
-        """``engine_process``: run the model in a child process (see ``core.EngineCore``)."""
-        self.core = EngineCore(model_dir, threads, kv_cache_entries, limits, engine_process)
+        """``engine_process``: run the model in a child process (see ``core.EngineCore``);
+        the rest: ``core.EngineOptions``."""
+        options = EngineOptions(threads, kv_cache_entries, speculative)
+        self.core = EngineCore(model_dir, options, limits, engine_process)
         self.model = self.core.model  # read-only metadata here; only the engine thread runs it
         member = catalog_member(self.model.manifest.catalog_id)
         self.model_name = member.hf_id.split("/")[1]

@@ -24,6 +24,14 @@ the bytes of weights a decoded token reads (attention, router, 2 of 16 experts p
 --sections speed --member M: prefill and decode of full-size member M (default phi-3-small-8k),
 raw onnxruntime-genai against our engine with every sampling feature on.
 
+--sections speculative [--model DIR]: decode tok/s of our engine with speculation off and on for
+(a) "copy": quote a passage of the prompt verbatim (random weights never copy by themselves, so
+the answer is held to the passage by a grammar, guided_grammar; greedy) and (b) "never_matching":
+sampling at temperature 1 from random weights, with acceptance and tokens per model call;
+onnxruntime-genai's own loop with the same grammar, with and without its n-gram speculation, on
+(a); and the verify cost curve: the time of one k-token append (k = 1..8) after a 128-token
+prompt, from which the speedup at any acceptance rate can be read off.
+
 --sections structured [--model DIR]: decode tok/s of our engine with every sampling feature on,
 without and with a JSON schema (response_format json_schema: an array of at least 100 objects
 with bounded strings, a pattern, an enum array and an integer range, so the answer cannot close
@@ -178,7 +186,7 @@ def main() -> None:
     parser.add_argument(
         "--sections",
         default="all",
-        choices=["all", "engine", "concurrency", "moe", "speed", "structured"],
+        choices=["all", "engine", "concurrency", "moe", "speed", "structured", "speculative"],
         help="what to run (all = engine + concurrency)",
     )
     parser.add_argument(
@@ -196,7 +204,8 @@ def main() -> None:
         help="an exported model for --sections structured (default: full mini)",
     )
     args = parser.parse_args()
-    folder = full_model() if args.sections not in ("moe", "speed", "structured") else Path()
+    own_model = ("moe", "speed", "structured", "speculative")
+    folder = full_model() if args.sections not in own_model else Path()
     out = args.out / "bench_engine.json"
     results: dict[str, float] = json.loads(out.read_text()) if out.exists() else {}
     if args.sections in ("all", "concurrency"):
@@ -210,6 +219,8 @@ def main() -> None:
         member_speed(args, results)
     if args.sections == "structured":
         structured_decode(args, results)
+    if args.sections == "speculative":
+        speculative_decode(args, results)
     print(f"machine: {machine()}")
     args.out.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
@@ -335,6 +346,128 @@ STRUCTURED_ITEM = {
     "required": ["name", "age", "email", "tags"],
     "additionalProperties": False,
 }
+
+
+def _og_greedy(
+    model: runtime.LoadedModel, ids: list[int], new_tokens: int, ngram: bool, lark: str | None
+) -> float:
+    """onnxruntime-genai's own greedy loop (its own llguidance when ``lark`` is given), with or
+    without its n-gram speculation: decode tok/s after the first token."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model.model)
+    params.set_search_options(max_length=len(ids) + new_tokens, batch_size=1)
+    if lark is not None:
+        params.set_guidance("lark_grammar", lark)
+    if ngram:
+        params.set_speculative_options(ngram_size=3, max_draft_tokens=4)
+    generator = og.Generator(model.model, params)
+    generator.append_tokens(np.array([ids], dtype=np.int32))
+    generator.generate_next_token()
+    first = time.perf_counter()
+    while not generator.is_done():
+        generator.generate_next_token()
+    made = len(generator.get_sequence(0)) - len(ids) - 1
+    return made / (time.perf_counter() - first)
+
+
+def _ours_decode(
+    model: runtime.LoadedModel, ids: list[int], new_tokens: int, cfg: SamplingConfig, spec: bool
+) -> tuple[float, Any]:
+    """Our engine: decode tok/s after the first token (counting the tokens made), and the
+    speculation counters."""
+    from phi3edge.prompt import Prompt
+    from phi3edge.speculation import SpeculationStats
+
+    stats = SpeculationStats()
+    made, first = 0, 0.0
+    for steps in engine.generate(model, Prompt(ids, new_tokens), cfg, None, None, spec, stats):
+        made += sum(step.sampled for step in steps)
+        if made and not first:
+            first = time.perf_counter()
+    return (made - 1) / (time.perf_counter() - first), stats
+
+
+def verify_cost(model: runtime.LoadedModel, ids: list[int], repeats: int) -> dict[int, float]:
+    """Seconds of one k-token append after the prompt, k = 1..8 (median of ``repeats``)."""
+    generator = engine._new_generator(model, len(ids) + 16, 1)
+    generator.append_tokens(np.array([ids], dtype=np.int32))
+    costs = {}
+    for k in range(1, 9):
+        times = []
+        for _ in range(repeats):
+            generator.rewind_to(len(ids))
+            started = time.perf_counter()
+            generator.append_tokens(np.array([ids[1 : 1 + k]], dtype=np.int32))
+            generator.get_output("logits")
+            times.append(time.perf_counter() - started)
+        costs[k] = float(np.median(times))
+    return costs
+
+
+COPY_PASSAGE = (
+    "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a "
+    "single step; the rest is detail and care. Measure twice, cut once, and write the tests "
+    "before the code. Speed does not depend on weight values, so these figures are real ones."
+)
+
+
+def speculative_decode(args: argparse.Namespace, results: dict[str, float]) -> None:
+    """Speculation off and on, side by side (see the module docstring)."""
+    from phi3edge.guidance import Grammar
+
+    folder = args.model or full_model()
+    model = runtime.load(folder, threads=args.threads)
+    no_end = {i: -100.0 for i in model.eos_ids}
+    lark = "start: " + json.dumps(COPY_PASSAGE)
+    quote = [32010, *model.tokenizer.encode("Quote exactly: " + COPY_PASSAGE), 32007, 32001]
+    grammar = Grammar.from_lark(lark, "guided_grammar")
+    requests = {  # name: (prompt, config, onnxruntime-genai's grammar)
+        "copy": (quote, SamplingConfig(temperature=0.0, grammar=grammar), lark),
+        "never_matching": (
+            prompt_ids(128),
+            SamplingConfig(temperature=1.0, seed=1, logit_bias=no_end),
+            None,
+        ),
+    }
+    new_tokens = 128
+    print(f"model: {folder}; up to {new_tokens} new tokens, medians of {args.repeats}")
+    for name, (ids, cfg, og_lark) in requests.items():
+        off, on = [], []
+        for _ in range(args.repeats):  # alternately, so that both see the same load
+            off.append(_ours_decode(model, ids, new_tokens, cfg, False)[0])
+            rate, stats = _ours_decode(model, ids, new_tokens, cfg, True)
+            on.append(rate)
+        figures = {
+            f"spec_{name}_off": float(np.median(off)),
+            f"spec_{name}_on": float(np.median(on)),
+            f"spec_{name}_acceptance": stats.acceptance,
+            f"spec_{name}_tokens_per_call": stats.tokens_per_call,
+        }
+        figures[f"spec_{name}_speedup"] = figures[f"spec_{name}_on"] / figures[f"spec_{name}_off"]
+        if name == "copy":
+            figures["spec_copy_og_greedy"] = float(
+                np.median([_og_greedy(model, ids, new_tokens, False, og_lark) for _ in range(3)])
+            )
+            figures["spec_copy_og_ngram"] = float(
+                np.median([_og_greedy(model, ids, new_tokens, True, og_lark) for _ in range(3)])
+            )
+        results.update(figures)
+        print(
+            f"{name}: off {figures[f'spec_{name}_off']:.2f} tok/s, on "
+            f"{figures[f'spec_{name}_on']:.2f} tok/s ({figures[f'spec_{name}_speedup']:.2f}x); "
+            f"acceptance {stats.acceptance:.2f}, {stats.tokens_per_call:.2f} tokens per model call"
+        )
+    print(
+        f"copy, onnxruntime-genai's own loop and grammar: {results['spec_copy_og_greedy']:.2f} "
+        f"tok/s; with its n-gram speculation: {results['spec_copy_og_ngram']:.2f} tok/s"
+    )
+    costs = verify_cost(model, prompt_ids(128), args.repeats)
+    for k, seconds in costs.items():
+        results[f"spec_verify_{k}"] = seconds
+    one = costs[1]
+    print("verify cost: " + ", ".join(f"k={k} {s / one:.2f}x" for k, s in costs.items()))
+    print(f"  (k=1: {one * 1e3:.1f} ms)")
 
 
 def structured_decode(args: argparse.Namespace, results: dict[str, float]) -> None:

@@ -57,10 +57,10 @@ class _Watched:
                 calls.most_at_once = max(calls.most_at_once, calls.active)
                 if name == "append_tokens":
                     calls.appended.append(int(args[0].shape[1]))
-                if name == "generate_next_token" or name == "get_logits":
-                    calls.steps += name == "get_logits"
+                # a decode step: get_logits, or the logits of a speculative append
+                calls.steps += name in ("get_logits", "get_output")
             try:
-                if calls.delay_s and name == "get_logits":
+                if calls.delay_s and name in ("get_logits", "get_output"):
                     time.sleep(calls.delay_s)
                 return method(*args, **kwargs)
             finally:
@@ -217,7 +217,7 @@ def test_a_dropped_stream_is_cancelled(make_client: Any, calls: Calls) -> None:
 def test_a_long_prompt_is_prefilled_in_chunks_and_can_be_cancelled(
     make_client: Any, calls: Calls, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    client = make_client(kv_cache_entries=0)
+    client = make_client(kv_cache_entries=0, speculative=False)  # appends: the prompt's only
     words = " ".join(f"w{i}" for i in range(250))  # over 2 chunks of tiny-model tokens
     answer = client.complete(messages=[{"role": "user", "content": words}], max_tokens=2)
     prompt_tokens = answer.usage.prompt_tokens
