@@ -41,14 +41,15 @@ def time_generation(
     new_tokens: int,
     cfg: SamplingConfig,
     cache: engine.PrefixCache | None = None,
+    adapter: str | None = None,
 ) -> Timing:
     """Run one request through the engine and time it (decode rate per choice).
 
     This calls the engine directly on this thread: a benchmark owns its model; a service hands
-    it to an engine thread (``phi3edge.core``)."""
+    it to an engine thread (``phi3edge.core``). ``adapter``: a LoRA adapter of the model."""
     started = time.perf_counter()
     first = 0.0
-    for steps in engine.generate(model, Prompt(ids, new_tokens), cfg, None, cache):
+    for steps in engine.generate(model, Prompt(ids, new_tokens), cfg, None, cache, adapter=adapter):
         if steps and not first:  # an empty list is a prefill chunk, not a token
             first = time.perf_counter()
     end = time.perf_counter()

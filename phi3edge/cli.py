@@ -1,4 +1,5 @@
-"""Command line: ``phi3edge demo | export | random-checkpoint | info | chat | serve``.
+"""Command line: ``phi3edge demo | export | adapter add/remove | data check | random-checkpoint |
+info | chat | serve | bench``.
 
 Every command prints progress to stderr and results to stdout; bad input ends with a one-line
 ``error: ...`` and exit status 2 (1 for a failure while working).
@@ -75,7 +76,47 @@ def cmd_export(args: argparse.Namespace) -> int:
         int4=int4,
         progress=_progress,
         moe_experts=args.moe_experts,
+        adapters=[_adapter_pair(a) for a in args.adapter],
     )
+    return 0
+
+
+def _adapter_pair(text: str) -> tuple[str, str]:
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder:
+        raise ValueError(f"--adapter takes NAME=PEFT_DIR, not {text!r}")
+    return name, folder
+
+
+def cmd_adapter_remove(args: argparse.Namespace) -> int:
+    from phi3edge import adapters
+
+    adapters.remove(args.model, args.name)
+    _progress(f"removed adapter '{args.name}' from {args.model}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from phi3edge import data_check
+
+    count, context = None, None
+    if args.model:
+        from phi3edge.export import Manifest
+
+        context = Manifest.read(args.model).context_length
+        _progress(f"loading the tokenizer and chat template of {args.model}")
+        count = data_check.token_counter(args.model)
+    report = data_check.check_file(args.file, count, context, progress=_progress)
+    for line in report.lines():
+        print(line)
+    return 0 if report.ok else 1
+
+
+def cmd_adapter_add(args: argparse.Namespace) -> int:
+    from phi3edge import adapters
+
+    entry = adapters.add(args.model, args.name, args.peft_dir, progress=_progress)
+    print(json.dumps({args.name: entry}, indent=2))
     return 0
 
 
@@ -258,7 +299,44 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["int4", "int8"],
         help="Phi-3.5-MoE experts (default int4; int8 with --precision fp32): int8 is more exact",
     )
+    exp.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PEFT_DIR",
+        help="add a PEFT LoRA fine-tune, served as model NAME (repeatable)",
+    )
     exp.set_defaults(func=cmd_export)
+
+    adapter = sub.add_parser("adapter", help="LoRA fine-tunes of an exported model")
+    adapter_sub = adapter.add_subparsers(dest="adapter_command", required=True)
+    add = adapter_sub.add_parser(
+        "add",
+        help="add a PEFT LoRA adapter folder to an export; requests then select it by name",
+    )
+    add.add_argument("model", help="an exported model folder")
+    add.add_argument("name", help="the name requests give as `model`")
+    add.add_argument("peft_dir", help="PEFT save_pretrained folder (adapter_config.json + weights)")
+    add.set_defaults(func=cmd_adapter_add)
+    remove = adapter_sub.add_parser("remove", help="remove an adapter from an export")
+    remove.add_argument("model", help="an exported model folder")
+    remove.add_argument("name", help="the adapter's name")
+    remove.set_defaults(func=cmd_adapter_remove)
+
+    data = sub.add_parser("data", help="fine-tuning data")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    check = data_sub.add_parser(
+        "check",
+        help="check a chat fine-tuning JSONL file (exit 1 when a line breaks a rule)",
+        description='Each line must be {"messages": [...]}: an optional system message, then '
+        "user and assistant turns alternating from user, ending with the assistant's answer, "
+        "every content non-empty text. Errors are printed as FILE:LINE: error: ... With "
+        "--model, each example's tokens are counted with the model's own tokenizer and chat "
+        "template, and examples longer than its context are errors.",
+    )
+    check.add_argument("file", help="the JSONL file")
+    check.add_argument("--model", help="an exported model folder: count tokens with it")
+    check.set_defaults(func=cmd_data_check)
 
     rnd = sub.add_parser("random-checkpoint", help="write a random-weight Phi-3 checkpoint")
     rnd.add_argument("arch", help="catalog id, e.g. phi-3-mini-4k (see `phi3edge info --catalog`)")

@@ -143,9 +143,10 @@ class _Unit:
     index: int
     cfg: SamplingConfig
     prompt: Prompt
+    adapter: str | None = None  # the LoRA adapter the request's ``model`` names
 
     def item(self) -> engine.BatchItem:
-        return engine.BatchItem(self.prompt, self.cfg, self.job.halt)
+        return engine.BatchItem(self.prompt, self.cfg, self.job.halt, self.adapter)
 
 
 class Ticket:
@@ -370,7 +371,7 @@ class EngineCore:
 
 def metadata(model: runtime.LoadedModel) -> runtime.LoadedModel:
     """``model`` without its onnxruntime-genai objects: what callers of the engine may read."""
-    return dataclasses.replace(model, model=None, tokenizer=None)
+    return dataclasses.replace(model, model=None, tokenizer=None, adapters=None)
 
 
 class _ThreadLink:
@@ -535,7 +536,8 @@ class _EngineLoop:
                 self.limits.check(request)
             except ApiError as exc:
                 raise in_batch(exc, index) if job.batch else exc from None
-            units.append(_Unit(job, index, cfg, prompt))
+            adapter = self.model.adapter_named(request.model)
+            units.append(_Unit(job, index, cfg, prompt, adapter))
         if not units:
             self._end(job, Finished())
         return units
@@ -587,6 +589,7 @@ class _EngineLoop:
                 unit.job.halt,
                 self.prefix_cache,
                 speculative=self.speculative,
+                adapter=unit.adapter,
             )
         else:
             work = engine.generate_batch(self.model, [u.item() for u in chosen])
@@ -594,10 +597,11 @@ class _EngineLoop:
         # claim the time the others have already used.
         used = min((b.used_s for b in batches), default=0.0)
         log.debug(
-            "batch of %d request(s), %d rows, prompts %s; %d waiting, %d other batches",
+            "batch of %d request(s), %d rows, prompts %s, adapter %s; %d waiting, %d other batches",
             len(chosen),
             sum(u.cfg.n for u in chosen),
             [len(u.prompt.ids) for u in chosen],
+            chosen[0].adapter,
             len(waiting),
             len(batches),
         )

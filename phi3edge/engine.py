@@ -89,34 +89,44 @@ class PrefixCache:
     prefill only the new suffix, as llama.cpp's server does. Logits equal a cold prefill's up to
     float rounding (about 1e-6; the tests check the same tokens and logprobs). Owned by the
     engine thread, like every generator it keeps.
+
+    A generator runs under one LoRA adapter (or none) for its whole life, and its KV depends on
+    it, so a kept generator serves only requests for the same adapter.
     """
 
     def __init__(self, entries: int = 1) -> None:
         self.entries = entries
-        self._kept: list[tuple[Any, list[int], int]] = []  # (generator, tokens in KV, max_length)
+        # (generator, tokens in KV, max_length, adapter)
+        self._kept: list[tuple[Any, list[int], int, str | None]] = []
         self.hits = 0
         self.reused_tokens = 0
 
     def take(
-        self, model: LoadedModel, ids: list[int], need: int, allocate: int
+        self,
+        model: LoadedModel,
+        ids: list[int],
+        need: int,
+        allocate: int,
+        adapter: str | None = None,
     ) -> tuple[Any, int, int]:
         """A generator holding a prefix of ``ids``, how long that prefix is, and the generator's
-        capacity; or a fresh generator of ``allocate`` tokens. ``need``: tokens the request uses.
+        capacity; or a fresh generator of ``allocate`` tokens. ``need``: tokens the request uses;
+        ``adapter``: the LoRA adapter it runs under (None: the base model).
 
         A kept generator with room is reused even when it shares nothing with ``ids`` (rewound
         to the start): creating one with a preallocated KV cache costs 0.15 s on full Phi-3-mini
         here, 2.3 s the first time (scripts/bench_model_calls.py), while rewinding is free."""
         best, best_len = None, -1
         for entry in self._kept:
-            generator, tokens, capacity = entry
-            if capacity < need:
+            generator, tokens, capacity, kept_adapter = entry
+            if capacity < need or kept_adapter != adapter:
                 continue
             common = _common_prefix(tokens, ids)
             if common > best_len:
                 best, best_len = entry, common
         if best is None:
             del self._kept[self.entries - 1 :]  # make room before allocating another KV cache
-            return _new_generator(model, allocate, 1), 0, allocate
+            return _new_generator(model, allocate, 1, adapter), 0, allocate
         self._kept.remove(best)
         keep = min(best_len, len(ids) - 1)  # at least one token must run to give logits
         best[0].rewind_to(keep)
@@ -125,9 +135,9 @@ class PrefixCache:
             self.reused_tokens += keep
         return best[0], keep, best[2]
 
-    def put(self, generator: Any, max_length: int) -> None:
+    def put(self, generator: Any, max_length: int, adapter: str | None = None) -> None:
         tokens = [int(t) for t in generator.get_sequence(0)]
-        self._kept.insert(0, (generator, tokens, max_length))
+        self._kept.insert(0, (generator, tokens, max_length, adapter))
         del self._kept[self.entries :]
 
     def clear(self) -> None:
@@ -145,8 +155,11 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 KV_PREALLOCATE_BYTES = 2 << 30
 
 
-def _new_generator(model: LoadedModel, max_length: int, batch: int) -> Any:
-    """A generator for ``batch`` rows of up to ``max_length`` tokens.
+def _new_generator(
+    model: LoadedModel, max_length: int, batch: int, adapter: str | None = None
+) -> Any:
+    """A generator for ``batch`` rows of up to ``max_length`` tokens, under LoRA ``adapter``
+    (one of ``model.adapter_names``; None for the base model).
 
     With a shared past/present buffer onnxruntime-genai allocates the KV cache for ``max_length``
     up front: fastest, but a request without max_tokens would reserve the whole context (3.2 GB
@@ -160,7 +173,10 @@ def _new_generator(model: LoadedModel, max_length: int, batch: int) -> Any:
     search.set_search_options(
         max_length=max_length, batch_size=batch, past_present_share_buffer=preallocate
     )
-    return og.Generator(model.model, search)
+    generator = og.Generator(model.model, search)
+    if adapter is not None:
+        generator.set_active_adapter(model.adapters, adapter)
+    return generator
 
 
 PREFILL_CHUNK = 64  # prompt tokens per append: the engine can stop or switch batches between them
@@ -178,8 +194,10 @@ def generate(
     cache: PrefixCache | None = None,
     speculative: bool = False,
     stats: SpeculationStats | None = None,
+    adapter: str | None = None,
 ) -> Iterator[list[ChoiceStep]]:
     """One request: prefill once, then decode each of its ``n`` choices; yield per unit of work.
+    ``adapter``: the LoRA adapter to run under (None: the base model).
 
     Each item is one decode step's ``ChoiceStep`` list, or ``[]`` after a prefill chunk: the
     prompt goes in ``PREFILL_CHUNK`` tokens at a time, so a caller can stop (``halt``) or serve
@@ -201,9 +219,9 @@ def generate(
     if cache is not None and cache.entries > 0:
         # allocate room for the next turns too, so the next request can reuse this KV
         allocate = min(model.context_length, need + CACHE_HEADROOM)
-        generator, start, capacity = cache.take(model, prompt.ids, need, allocate)
+        generator, start, capacity = cache.take(model, prompt.ids, need, allocate, adapter)
     else:
-        generator, start, capacity = _new_generator(model, need, 1), 0, need
+        generator, start, capacity = _new_generator(model, need, 1, adapter), 0, need
     healthy = False
     try:
         prefilled = False
@@ -240,7 +258,7 @@ def generate(
         healthy = True
     finally:
         if cache is not None and cache.entries > 0 and healthy:
-            cache.put(generator, capacity)
+            cache.put(generator, capacity, adapter)
         del generator
 
 
@@ -262,11 +280,13 @@ def _prefill(
 
 @dataclass
 class BatchItem:
-    """One request of a batch: its prompt, sampling parameters and when to stop early."""
+    """One request of a batch: its prompt, sampling parameters, when to stop early and the LoRA
+    adapter it runs under (None: the base model)."""
 
     prompt: Prompt
     cfg: SamplingConfig
     halt: Halt | None = None
+    adapter: str | None = None
 
 
 MAX_BATCH_ROWS = 16
@@ -277,10 +297,13 @@ def fits_in_batch(model: LoadedModel, items: list[BatchItem]) -> bool:
     """Whether ``items`` can run as one onnxruntime-genai batch (rows, context, prefill size).
 
     The one batching policy: the engine thread forms its batches with it. A single item always
-    fits (its own prefill is chunked when it runs alone).
+    fits (its own prefill is chunked when it runs alone). A generator runs one adapter, so a
+    batch's requests share theirs.
     """
     if len(items) <= 1:
         return True
+    if len({i.adapter for i in items}) > 1:
+        return False
     rows = sum(i.cfg.n for i in items)
     longest = max(len(i.prompt.ids) for i in items)
     need = longest + max(i.prompt.max_new_tokens for i in items)
@@ -337,7 +360,7 @@ def generate_batch(
         return
     width = max(len(p) for p in prompts) - 1
     max_length = width + 1 + max(r.max_new_tokens for r in rows)
-    generator = _new_generator(model, max_length, len(rows))
+    generator = _new_generator(model, max_length, len(rows), items[0].adapter)
     try:
         padded = [p[:-1] + [model.pad_id] * (width - len(p) + 1) for p in prompts]
         generator.append_tokens(np.asarray(padded, dtype=np.int32))

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,9 +95,14 @@ class Manifest:
     phi3edge_version: str
     onnxruntime_genai_version: str
     moe_experts: str | None = None
+    # LoRA adapters served by name (``phi3edge.adapters``): name -> file, base, rank, targets...
+    adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def write(self, folder: Path) -> None:
-        (folder / MANIFEST).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        """Write phi3edge.json (beside, then renamed: a reader never sees half of it)."""
+        tmp = folder / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(folder / MANIFEST)
 
     @classmethod
     def read(cls, folder: str | Path) -> Manifest:
@@ -122,11 +127,13 @@ def export(
     int4: Int4Options | None = None,
     progress: Callable[[str], None] | None = None,
     moe_experts: str | None = None,
+    adapters: list[tuple[str, str]] | None = None,
 ) -> Path:
     """Convert ``source`` (folder or hub id) into ``out`` and return ``out``.
 
     ``moe_experts`` (Phi-3.5-MoE only) is the experts' precision: int4 by default, int8 when
-    ``precision`` is fp32 (the most exact the CPU kernel has).
+    ``precision`` is fp32 (the most exact the CPU kernel has). ``adapters``: (name, PEFT LoRA
+    folder) pairs added to the export (``phi3edge.adapters``), checked before it starts.
     """
     say = progress or log.info
     out = Path(out).absolute()
@@ -181,6 +188,10 @@ def export(
             f"{source}: the checkpoint has no chat template (tokenizer_config.json "
             "'chat_template' or chat_template.jinja); phi3edge needs it to build prompts"
         )
+    if adapters:
+        from phi3edge import adapters as lora
+
+        lora.check_before_export(adapters, member.id, config)
     experts_note = f", experts {moe_experts}" if is_moe else ""
     say(f"exporting {member.id} from {source_dir} to {precision} ONNX{experts_note}")
 
@@ -203,6 +214,8 @@ def export(
             onnxruntime_genai_version=_version("onnxruntime-genai"),
             moe_experts=moe_experts,
         ).write(staging)
+        for name, peft_dir in adapters or []:
+            lora.add(staging, name, peft_dir, say)
     say(f"done in {time.monotonic() - started:.1f} s: {out}")
     return out
 

@@ -187,13 +187,20 @@ def _small_full_config(member: catalog.FamilyMember) -> dict[str, Any]:
 
 
 def write_random_checkpoint(
-    member_id: str, out: str | Path, size: str = "tiny", seed: int = 0, layers: int | None = None
+    member_id: str,
+    out: str | Path,
+    size: str = "tiny",
+    seed: int = 0,
+    layers: int | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Write a random-weight checkpoint folder and return its path.
 
     Weights are written one tensor group at a time (bf16 for ``full``, fp32 for ``tiny``), so a
     full-size Phi-3-medium never needs its whole float32 state in memory. ``layers`` overrides the
-    depth (a full-width model with fewer layers measures per-layer costs of a model too big here).
+    depth (a full-width model with fewer layers measures per-layer costs of a model too big here);
+    ``overrides``, other config.json values (a mid-size model for benchmarks that need no full
+    one).
     """
     import torch
     from safetensors.torch import save_file
@@ -206,6 +213,7 @@ def write_random_checkpoint(
         if layers < 1:
             raise ValueError(f"layers must be at least 1, not {layers}")
         config["num_hidden_layers"] = layers
+    config.update(overrides or {})
     member = catalog.get(member_id)
     full = size == "full"
     config["torch_dtype"] = "bfloat16" if full else "float32"
@@ -353,3 +361,41 @@ def _random_small_tensors(config: dict[str, Any], rng: Any, bf16: bool) -> Itera
         layers.setdefault(group, {})[name] = tensor(name)
         if not name.startswith("model.layers.") or len(layers[group]) == 12:
             yield layers.pop(group)
+
+
+def write_random_lora(
+    checkpoint: str | Path,
+    out: str | Path,
+    targets: tuple[str, ...] | list[str] = ("qkv_proj", "o_proj"),
+    rank: int = 4,
+    alpha: float = 8.0,
+    seed: int = 0,
+    use_rslora: bool = False,
+) -> Path:
+    """A PEFT LoRA adapter with random weights for ``checkpoint``, written by PEFT itself.
+
+    PEFT's default initialisation zeroes ``lora_B`` (the adapter starts as the base model); here
+    ``lora_B`` is drawn like the checkpoint's own weights (normal, std 0.02), so the adapter
+    changes the logits visibly but, as a trained one does, by less than the base projections
+    give (fully random matrices at PEFT's scaling would swamp the base model). Needs ``peft``
+    (the ``test`` extra)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        use_rslora=use_rslora,
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02)
+    peft_model.save_pretrained(out)
+    return out

@@ -221,6 +221,7 @@ class ModelCard(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    parent: str | None = None  # a LoRA adapter's base model (as vLLM lists adapters)
 
 
 class ModelList(BaseModel):
@@ -339,7 +340,11 @@ CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: _error("The engine has stopped, or the request used its time budget waiting."),
 }
 INFO_RESPONSES = {200: _ok("The served model.", "ModelInfo"), **_COMMON_ERRORS, **_AUTH_ERROR}
-MODELS_RESPONSES = {200: _ok("The served model.", "ModelList"), **_COMMON_ERRORS, **_AUTH_ERROR}
+MODELS_RESPONSES = {
+    200: _ok("The served model and its adapters.", "ModelList"),
+    **_COMMON_ERRORS,
+    **_AUTH_ERROR,
+}
 HEALTH_RESPONSES = {
     200: _ok("The server is up.", "Health"),
     **_COMMON_ERRORS,
@@ -420,10 +425,12 @@ def install(
     model_name: str,
     api_key_required: bool,
     open_paths: frozenset[str],
+    adapter_names: tuple[str, ...] = (),
 ) -> None:
     """Make ``app.openapi()`` add the component schemas (and security when a key is required).
 
-    The document describes this server: the request's ``model`` is an enum of ``model_name``.
+    The document describes this server: the request's ``model`` is an enum of ``model_name``
+    and its LoRA adapters' names.
     """
     generate = app.openapi
 
@@ -435,7 +442,8 @@ def install(
             schemas.update(component_schemas())
             for name in ("AzureChatCompletionsRequest", "OpenAIChatCompletionsRequest"):
                 model = schemas[name]["properties"]["model"]
-                model["anyOf"] = [{"type": "string", "enum": [model_name]}, {"type": "null"}]
+                names = [model_name, *adapter_names]
+                model["anyOf"] = [{"type": "string", "enum": names}, {"type": "null"}]
             if api_key_required:
                 components["securitySchemes"] = _SECURITY_SCHEMES
                 for path, operations in document.get("paths", {}).items():

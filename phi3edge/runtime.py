@@ -46,7 +46,7 @@ def physical_cores() -> int:
     return os.cpu_count() or 1
 
 
-def config_overlay(threads: int, pad_id: int) -> dict[str, Any]:
+def config_overlay(threads: int, pad_id: int, adapters: bool = False) -> dict[str, Any]:
     """The genai_config fragment we apply at load time.
 
     - ONNX Runtime's thread pools, set explicitly.
@@ -55,13 +55,17 @@ def config_overlay(threads: int, pad_id: int) -> dict[str, Any]:
       through a forced greedy step, which onnxruntime-genai would treat as the end of that row.
       So onnxruntime-genai's own EOS set is narrowed to the pad id, which we never force for a
       running row.
+    - With LoRA adapters, ONNX Runtime warns once per LoRA input that an initializer which is
+      also a graph input is not constant-folded (hundreds of lines for a full model): that is
+      the point of those inputs, so its log is kept to errors.
     """
+    session: dict[str, Any] = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+    if adapters:
+        session["log_severity_level"] = 3
     return {
         "model": {
             "eos_token_id": pad_id,  # an int: overlaying a list would append to the list
-            "decoder": {
-                "session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
-            },
+            "decoder": {"session_options": session},
         }
     }
 
@@ -82,10 +86,18 @@ class LoadedModel:
     context_length: int
     threads: int
     grammar_tokenizer: GrammarTokenizer  # structured output; built on its first use
+    adapters: Any = None  # og.Adapters holding every adapter of the manifest, or None
+    adapter_names: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
         return self.manifest.catalog_id
+
+    def adapter_named(self, name: str | None) -> str | None:
+        """The adapter a request's ``model`` names (any case), or None for the base model."""
+        if not name:
+            return None
+        return next((a for a in self.adapter_names if a.lower() == name.lower()), None)
 
 
 def _kv_bytes_per_token(decoder: dict[str, Any]) -> int:
@@ -111,9 +123,10 @@ def load(folder: str | os.PathLike[str], threads: int | None = None) -> LoadedMo
     pad = genai["model"].get("pad_token_id")  # null in some published configs (medium-128k)
     pad_id = int(pad) if pad is not None else min(eos_ids)
     config = og.Config(str(folder))
-    config.overlay(json.dumps(config_overlay(threads, pad_id)))
+    config.overlay(json.dumps(config_overlay(threads, pad_id, bool(manifest.adapters))))
     model = og.Model(config)
     tokenizer = og.Tokenizer(model)
+    adapters = load_adapters(model, folder, manifest)
     log.info(
         "loaded %s (%s) from %s with %d threads",
         manifest.catalog_id,
@@ -135,4 +148,28 @@ def load(folder: str | os.PathLike[str], threads: int | None = None) -> LoadedMo
         context_length=int(genai["model"]["context_length"]),
         threads=threads,
         grammar_tokenizer=GrammarTokenizer(folder / "tokenizer.json", vocab_size, eos_ids),
+        adapters=adapters,
+        adapter_names=tuple(manifest.adapters),
     )
+
+
+def load_adapters(model: Any, folder: Path, manifest: Manifest) -> Any:
+    """Every adapter of the manifest loaded into one ``og.Adapters`` (None without adapters).
+
+    onnxruntime-genai keeps them beside the one copy of the base weights; a generator
+    activates one of them (``engine``)."""
+    if not manifest.adapters:
+        return None
+    import onnxruntime_genai as og
+
+    adapters = og.Adapters(model)
+    for name, entry in manifest.adapters.items():
+        path = folder / entry["file"]
+        if not path.is_file():
+            raise ExportError(
+                f"adapter '{name}': {path} is missing; `phi3edge adapter remove {folder} {name}` "
+                "and add it again"
+            )
+        adapters.load(str(path), name)
+    log.info("loaded %d adapter(s): %s", len(manifest.adapters), ", ".join(manifest.adapters))
+    return adapters

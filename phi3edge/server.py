@@ -389,18 +389,26 @@ async def chat_completions_openai(request: Request) -> Response:
 
 @router.get(
     "/v1/models",
-    summary="The served model in OpenAI's list shape",
+    summary="The served model and its LoRA adapters in OpenAI's list shape",
     responses=openapi.MODELS_RESPONSES,
 )
 async def list_models(request: Request) -> JSONResponse:
     service: ChatService = request.app.state.service
-    model = {
-        "id": service.model_name,
-        "object": "model",
-        "created": request.app.state.model_created,
-        "owned_by": "microsoft",
-    }
-    return JSONResponse({"object": "list", "data": [model]})
+    created = request.app.state.model_created
+    models = [
+        {"id": service.model_name, "object": "model", "created": created, "owned_by": "microsoft"}
+    ]
+    models += [
+        {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "user",
+            "parent": service.model_name,
+        }
+        for name in service.adapter_names
+    ]
+    return JSONResponse({"object": "list", "data": models})
 
 
 def create_app(service: ChatService, settings: ServerSettings | None = None) -> FastAPI:
@@ -441,6 +449,7 @@ def create_app(service: ChatService, settings: ServerSettings | None = None) -> 
     openapi.install(
         app,
         model_name=service.model_name,
+        adapter_names=service.adapter_names,
         api_key_required=bool(settings.api_key),
         open_paths=_OPEN_PATHS,
     )

@@ -61,6 +61,11 @@ class ChatService:
         member = catalog_member(self.model.manifest.catalog_id)
         self.model_name = member.hf_id.split("/")[1]
         self._aliases = {a.lower() for a in (self.model_name, member.id, member.hf_id, "phi3edge")}
+        self.adapter_names = self.model.adapter_names  # LoRA fine-tunes, served by name
+
+    def served_name(self, request: ChatRequest) -> str:
+        """The ``model`` a response names: the adapter the request chose, else the base."""
+        return self.model.adapter_named(request.model) or self.model_name
 
     @property
     def limits(self) -> Limits:
@@ -130,7 +135,7 @@ class ChatService:
         return ChatCompletions(
             id=_new_id(),
             created=_now(),
-            model=self.model_name,
+            model=self.served_name(request),
             choices=choices,
             usage=_usage(part.prompt_tokens, part.completion_tokens),
         )
@@ -178,13 +183,21 @@ class ChatService:
         return self.core.submit(requests, loop=loop)
 
     def _check_model(self, request: ChatRequest) -> None:
-        if request.model and request.model.lower() not in self._aliases:
-            raise ApiError(
-                404,
-                "model_not_found",
-                f"model '{request.model}' is not served here; this server runs {self.model_name}",
-                "model",
-            )
+        """The base model answers its own names; a LoRA adapter's name selects it."""
+        if not request.model or request.model.lower() in self._aliases:
+            return
+        if self.model.adapter_named(request.model):
+            return
+        adapters = (
+            f" and its adapters {', '.join(self.adapter_names)}" if self.adapter_names else ""
+        )
+        raise ApiError(
+            404,
+            "model_not_found",
+            f"model '{request.model}' is not served here; this server runs "
+            f"{self.model_name}{adapters}",
+            "model",
+        )
 
 
 class _ChunkWriter:
@@ -239,7 +252,7 @@ class _ChunkWriter:
         return StreamingChatCompletionsUpdate(
             id=self.id,
             created=self.created,
-            model=self.service.model_name,
+            model=self.service.served_name(self.request),
             choices=choices,
             usage=usage,
         )
