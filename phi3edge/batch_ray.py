@@ -14,7 +14,7 @@ Use it in a pipeline of your own::
     answers = ds.map_batches(
         ChatPredictor,
         fn_constructor_kwargs={"model_dir": "/models/phi3-mini-int4"},
-        compute=ray.data.ActorPoolStrategy(size=4),   # Ray < 2.5x: concurrency=4
+        compute=ray.data.ActorPoolStrategy(size=4),   # older Ray: concurrency=4
         num_cpus=2,  # per actor: ONNX Runtime then runs 2 threads
         batch_size=32,
     )
