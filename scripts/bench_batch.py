@@ -1,6 +1,7 @@
 """Batch jobs: 64 requests of mixed lengths, `phi3edge batch` against one request at a time.
 
 Usage: python scripts/bench_batch.py [--model DIR | --layers N] [--windows 1,2,4,8,16,32]
+                                     [--active-batches 2] [--prefill-caps 256]
                                      [--requests 64] [--threads 2] [--repeats 1] [--out results]
 
 The model: an exported folder (``--model``), or the full-width random Phi-3-mini-4k INT4 with
@@ -8,8 +9,11 @@ The model: an exported folder (``--model``), or the full-width random Phi-3-mini
 depth). One loaded model serves every measurement, side by side in one run:
 - one at a time: ``ChatService.complete`` for each request in turn (a plain loop);
 - ``phi3edge batch``: ``phi3edge.batch.run`` (the code behind the command) with each
-  ``--windows`` value as the number of requests in flight; the engine forms batches of those
-  (``engine.fits_in_batch``), and the table reports the rows per batch it formed.
+  ``--windows`` value as the number of requests in flight, and each ``--active-batches`` value
+  as the number of batches the engine runs at once (a second model copy is loaded per value);
+  the engine forms batches of the requests in flight (``engine.fits_in_batch``), and the table
+  reports the rows per batch it formed. ``--prefill-caps`` is an experiment on the engine's
+  policy: other caps on a batched prefill's padded tokens (``engine.BATCH_PREFILL_TOKENS``).
 Requests: prompts of 10 to 200 words, 16 to 64 new tokens each (the end tokens are banned so every
 request generates exactly its ``max_tokens``), seeded sampling at temperature 0.7.
 With ``--repeats N`` the runs go round N times in turn (so a slow spell of a shared machine hits
@@ -29,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import bench_arguments, full_model, machine, table  # noqa: E402
 
-from phi3edge import batch  # noqa: E402
+from phi3edge import batch, engine  # noqa: E402
 from phi3edge.limits import Limits  # noqa: E402
 from phi3edge.schema import parse_request  # noqa: E402
 from phi3edge.service import ChatService  # noqa: E402
@@ -112,24 +116,53 @@ def main() -> None:
     )
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--windows", default="1,2,4,8,16,32", help="requests in flight")
+    parser.add_argument(
+        "--prefill-caps",
+        default=str(engine.BATCH_PREFILL_TOKENS),
+        help="experiment: engine.BATCH_PREFILL_TOKENS values to try (padded tokens of a batched "
+        "prefill; the engine's own value is the default)",
+    )
+    parser.add_argument(
+        "--active-batches",
+        default="2",
+        help="batches the engine runs at once (Limits.max_active_batches), each tried per window",
+    )
     args = parser.parse_args()
     model = args.model or full_model("phi-3-mini-4k", "int4", layers=args.layers)
     windows = [int(w) for w in args.windows.split(",")]
+    actives = [int(a) for a in args.active_batches.split(",")]
+    caps = [int(c) for c in args.prefill_caps.split(",")]
     lines = requests(args.requests)
-    service = ChatService(model, threads=args.threads, limits=Limits(max_queue=max(windows)))
+    services = {
+        a: ChatService(
+            model, threads=args.threads, limits=Limits(max_queue=max(windows), max_active_batches=a)
+        )
+        for a in actives
+    }
+    configs = [(w, a, c) for w in windows for a in actives for c in caps]
+    own_cap = engine.BATCH_PREFILL_TOKENS
     try:
-        batched(service, lines[:4], window=4)  # warm-up
+        for service in services.values():
+            batched(service, lines[:4], window=4)  # warm-up
         rounds: dict[str, list[dict[str, Any]]] = {}
         for _ in range(args.repeats):
-            rounds.setdefault("solo", []).append(one_at_a_time(service, lines))
+            rounds.setdefault("solo", []).append(one_at_a_time(services[actives[0]], lines))
             print(f"one at a time: {rounds['solo'][-1]}", flush=True)
-            for window in windows:
-                rounds.setdefault(str(window), []).append(batched(service, lines, window))
-                print(f"{window} in flight: {rounds[str(window)][-1]}", flush=True)
+            for window, active, cap in configs:
+                key = f"{window} in flight, {active} active"
+                if cap != own_cap:
+                    key += f", prefill cap {cap}"
+                engine.BATCH_PREFILL_TOKENS = cap  # read by fits_in_batch at each batch
+                try:
+                    rounds.setdefault(key, []).append(batched(services[active], lines, window))
+                finally:
+                    engine.BATCH_PREFILL_TOKENS = own_cap
+                print(f"{key}: {rounds[key][-1]}", flush=True)
     finally:
-        service.close()
+        for service in services.values():
+            service.close()
     solo = _median(rounds["solo"])
-    runs = {window: _median(rounds[str(window)]) for window in windows}
+    runs = {key: _median(found) for key, found in rounds.items() if key != "solo"}
     rows = [
         [
             "one at a time",
@@ -140,10 +173,10 @@ def main() -> None:
             "1.00x",
         ]
     ]
-    for window, run in runs.items():
+    for key, run in runs.items():
         ratio = run["requests_per_s"] / solo["requests_per_s"]
         rows.append(
-            [f"phi3edge batch, {window} in flight", run["rows_per_batch"], run["seconds"],
+            [f"phi3edge batch, {key}", run["rows_per_batch"], run["seconds"],
              run["requests_per_s"], run["tokens_per_s"], f"{ratio:.2f}x"]
         )  # fmt: skip
     headers = [
