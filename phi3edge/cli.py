@@ -1,5 +1,5 @@
 """Command line: ``phi3edge demo | export | adapter add/remove | data check | random-checkpoint |
-info | chat | serve | bench``.
+info | chat | serve | batch | bench``.
 
 Every command prints progress to stderr and results to stdout; bad input ends with a one-line
 ``error: ...`` and exit status 2 (1 for a failure while working).
@@ -11,8 +11,11 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +230,123 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    """A Batch API JSONL file in, its output JSONL out; a rerun resumes where the last one
+    stopped (the custom_ids already in the output are skipped)."""
+    from phi3edge import batch
+    from phi3edge.batch_file import OutputFile
+
+    scanned = batch.scan(batch.read_file(args.input))  # duplicates: refused before anything runs
+    with OutputFile(args.output) as out:
+        if out.truncated_bytes:
+            _progress(
+                f"cut off a partial last line ({out.truncated_bytes} bytes) that an interrupted "
+                f"run left in {args.output}; that request runs again"
+            )
+        done = len(out.done_ids & scanned.ids.keys()) + len(out.done_lines)
+        stray = len(out.done_ids - scanned.ids.keys())
+        if stray:
+            _progress(f"note: {stray} lines of {args.output} answer custom_ids not in {args.input}")
+        remaining = scanned.lines - done
+        if done:
+            _progress(f"resuming: {done} of {scanned.lines} requests already in {args.output}")
+        if scanned.model:
+            _progress(f"the file asks for model {scanned.model!r}; {args.model} answers it")
+        if remaining <= 0:
+            _progress(f"nothing to do: every request of {args.input} is answered")
+            return 0
+        if args.ray is not None:
+            from phi3edge import batch_ray
+
+            results = batch_ray.run(
+                args.model,
+                args.input,
+                address=None if args.ray == "local" else args.ray,
+                actors=args.actors,
+                cpus_per_actor=args.cpus_per_actor,
+                skip_ids=out.done_ids,
+                skip_lines=out.done_lines,
+                extra_parameters=args.extra_parameters,
+            )
+        else:
+            results = batch.run(
+                args.model,
+                batch.read_file(args.input),
+                skip_ids=out.done_ids,
+                skip_lines=out.done_lines,
+                extra_parameters=args.extra_parameters,
+                threads=args.threads,
+                window=args.window,
+            )
+        return _write_results(results, out, remaining)
+
+
+def _write_results(results: Iterator[dict[str, Any]], out: Any, total: int) -> int:
+    """Append every result as it comes, with a progress bar; Ctrl-C stops between lines."""
+    from tqdm import tqdm
+
+    from phi3edge.batch import completion_tokens
+
+    written = errors = tokens = 0
+    started = time.monotonic()
+    bar = tqdm(total=total, unit="req", file=sys.stderr, dynamic_ncols=True)
+    guard = _CtrlC()
+    try:
+        for output in results:
+            with guard.writing():
+                out.append(output)
+            written += 1
+            errors += output["error"] is not None or output["response"]["status_code"] != 200
+            tokens += completion_tokens(output)
+            rate = tokens / max(time.monotonic() - started, 1e-9)
+            bar.set_postfix_str(f"{rate:.1f} tok/s, {errors} errors", refresh=False)
+            bar.update(1)
+    except KeyboardInterrupt:
+        results.close()  # abandons the requests in flight; they run again on the next run
+        bar.close()
+        _progress(
+            f"interrupted: {written} requests written to {out.path} ({out.lines} lines in all); "
+            "run the same command again to continue"
+        )
+        return 130
+    finally:
+        guard.restore()
+        bar.close()
+    elapsed = time.monotonic() - started
+    _progress(
+        f"{written} requests answered ({errors} errors) in {elapsed:.1f} s: "
+        f"{written / elapsed:.2f} requests/s, {tokens / elapsed:.1f} tokens/s; output: {out.path}"
+    )
+    return 0
+
+
+class _CtrlC:
+    """Ctrl-C stops a batch job between lines, never in the middle of writing one."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._writing = False
+        self._old = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.pressed = True
+        if not self._writing:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        self._writing = True
+        try:
+            yield
+        finally:
+            self._writing = False
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self._old)
+
+
 _LIMIT_FLAGS = [  # (flag, field of phi3edge.limits.Limits, help)
     (
         "--max-tokens-limit",
@@ -410,6 +530,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_limit_flags(serve)
     serve.set_defaults(func=cmd_serve)
+
+    bat = sub.add_parser(
+        "batch",
+        help="answer a Batch API JSONL file (OpenAI / Azure OpenAI format) into an output JSONL",
+        description="Answer every request of INPUT (the OpenAI / Azure OpenAI Batch API input "
+        "format: custom_id, method, url, body per line) and append the results to OUTPUT in the "
+        "Batch API output format. Rerunning the same command skips the custom_ids already in "
+        "OUTPUT; Ctrl-C stops cleanly (exit status 130).",
+    )
+    bat.add_argument("model", help="exported model folder")
+    bat.add_argument("input", help="Batch API input file (JSONL)")
+    bat.add_argument("-o", "--output", required=True, help="output file (JSONL), appended to")
+    bat.add_argument("--threads", type=int, default=None)
+    bat.add_argument(
+        "--window",
+        type=int,
+        default=32,
+        help="requests in flight at once; the engine batches them (default %(default)s)",
+    )
+    bat.add_argument(
+        "--extra-parameters",
+        choices=["error", "drop", "pass-through"],
+        default=None,
+        help="for /chat/completions lines: what the Azure route's extra-parameters header "
+        "would say (default: error, as without the header)",
+    )
+    bat.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run on a Ray cluster (ADDRESS as for ray.init, e.g. auto or ray://HOST:10001; "
+        "without one: a local Ray instance); needs the [ray] extra",
+    )
+    bat.add_argument(
+        "--actors", type=int, default=2, help="with --ray: model copies (default %(default)s)"
+    )
+    bat.add_argument(
+        "--cpus-per-actor",
+        type=int,
+        default=1,
+        help="with --ray: CPUs (and ONNX Runtime threads) per model copy (default %(default)s)",
+    )
+    bat.set_defaults(func=cmd_batch)
     return parser
 
 
@@ -425,7 +590,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ExportError, UnknownModelError, FileExistsError, ValueError) as exc:
+    except (
+        ExportError,
+        UnknownModelError,
+        FileExistsError,
+        FileNotFoundError,
+        ValueError,  # also a batch file that cannot run (duplicate custom_ids, ...)
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ApiError as exc:

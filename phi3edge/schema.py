@@ -11,6 +11,7 @@ out of range, 422 valid but unsupported by the model), naming the parameter.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -308,6 +309,28 @@ class SamplingConfig:
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     grammar: Grammar | None = None  # structured output (guidance.py)
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """A JSON request body -> Python values; 400 ``invalid_json`` saying why it is not JSON.
+
+    NaN and Infinity are refused (they are not JSON, and no parameter takes them). The HTTP
+    shim and batch files read bodies through here, so both refuse the same texts."""
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        detail = f"{exc.msg} (line {exc.lineno}, column {exc.colno})"
+    except UnicodeDecodeError:
+        detail = "it is not UTF-8 text"
+    except RecursionError:
+        detail = "it is nested too deeply"
+    except ValueError as exc:  # NaN / Infinity, refused by _reject_constant
+        detail = str(exc)
+    raise bad_request(f"the request body is not valid JSON: {detail}", code="invalid_json")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def parse_request(

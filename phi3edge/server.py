@@ -61,7 +61,13 @@ from phi3edge.limits import Limits
 from phi3edge.openapi import API_VERSION as _API_VERSION
 from phi3edge.openapi import AZURE_CHAT as _AZURE_CHAT
 from phi3edge.openapi import OPENAI_CHAT as _OPENAI_CHAT
-from phi3edge.schema import ChatRequest, Route, StreamingChatCompletionsUpdate, parse_request
+from phi3edge.schema import (
+    ChatRequest,
+    Route,
+    StreamingChatCompletionsUpdate,
+    parse_json,
+    parse_request,
+)
 from phi3edge.service import ChatService
 
 log = logging.getLogger(__name__)
@@ -188,27 +194,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _parse_json(raw: bytes) -> Any:
-    try:
-        return json.loads(raw, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
-        detail = f"{exc.msg} (line {exc.lineno}, column {exc.colno})"
-    except UnicodeDecodeError:
-        detail = "it is not UTF-8 text"
-    except RecursionError:
-        detail = "it is nested too deeply"
-    except ValueError as exc:  # NaN / Infinity, refused by _reject_constant
-        detail = str(exc)
-    raise bad_request(f"the request body is not valid JSON: {detail}", code="invalid_json")
-
-
 def _parse_chat(raw: bytes, route: Route, policy: str | None) -> ChatRequest:
     """JSON text -> validated request; CPU-bound, so it runs in a worker thread."""
-    return parse_request(_parse_json(raw), route=route, extra_parameters=policy)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
+    return parse_request(parse_json(raw), route=route, extra_parameters=policy)
 
 
 # ----------------------------------------------------------------------------- streaming

@@ -112,6 +112,15 @@ class ChatService:
                 raise in_batch(exc, index) from None
         return self._collect(self.core.submit(list(requests), batch=True), requests)
 
+    def submit(self, request: ChatRequest) -> PendingCompletion:
+        """Queue ``request`` and return at once; ``result()`` waits for its answer.
+
+        For callers that keep many requests in flight (batch jobs) so that the engine can batch
+        them, and that must be able to abandon them (``cancel``). Raises 429 when the engine's
+        queue is full, 404 for another model's name.
+        """
+        return PendingCompletion(self, request, self._submit([request]))
+
     def _collect(self, ticket: Ticket, requests: list[ChatRequest]) -> list[ChatCompletions]:
         answer = _Answer(requests)
         try:
@@ -198,6 +207,24 @@ class ChatService:
             f"{self.model_name}{adapters}",
             "model",
         )
+
+
+@dataclass
+class PendingCompletion:
+    """A submitted request (``ChatService.submit``): wait for its answer, or abandon it."""
+
+    service: ChatService
+    request: ChatRequest
+    ticket: Ticket
+
+    def result(self) -> ChatCompletions:
+        """Block until the answer is complete; raises the request's ``ApiError`` (499 once it
+        was cancelled)."""
+        return self.service._collect(self.ticket, [self.request])[0]
+
+    def cancel(self) -> None:
+        """Stop the request at the engine's next unit of work (safe from any thread)."""
+        self.ticket.cancel()
 
 
 class _ChunkWriter:

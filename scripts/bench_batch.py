@@ -1,0 +1,209 @@
+"""Batch jobs: 64 requests of mixed lengths, `phi3edge batch` against one request at a time.
+
+Usage: python scripts/bench_batch.py [--model DIR | --layers N] [--windows 1,2,4,8,16,32]
+                                     [--active-batches 2] [--prefill-caps 256]
+                                     [--requests 64] [--threads 2] [--repeats 1] [--out results]
+
+The model: an exported folder (``--model``), or the full-width random Phi-3-mini-4k INT4 with
+``--layers`` decoder layers (built once and cached, like the other benchmarks; 32 is the real
+depth). One loaded model serves every measurement, side by side in one run:
+- one at a time: ``ChatService.complete`` for each request in turn (a plain loop);
+- ``phi3edge batch``: ``phi3edge.batch.run`` (the code behind the command) with each
+  ``--windows`` value as the number of requests in flight, and each ``--active-batches`` value
+  as the number of batches the engine runs at once (a second model copy is loaded per value);
+  the engine forms batches of the requests in flight (``engine.fits_in_batch``), and the table
+  reports the rows per batch it formed. ``--prefill-caps`` is an experiment on the engine's
+  policy: other caps on a batched prefill's padded tokens (``engine.BATCH_PREFILL_TOKENS``).
+Requests: prompts of 10 to 200 words, 16 to 64 new tokens each (the end tokens are banned so every
+request generates exactly its ``max_tokens``), seeded sampling at temperature 0.7.
+With ``--repeats N`` the runs go round N times in turn (so a slow spell of a shared machine hits
+all of them alike) and each figure is the median.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import bench_arguments, full_model, machine, table  # noqa: E402
+
+from phi3edge import batch, engine  # noqa: E402
+from phi3edge.limits import Limits  # noqa: E402
+from phi3edge.schema import parse_request  # noqa: E402
+from phi3edge.service import ChatService  # noqa: E402
+
+NO_END = {"32000": -100, "32001": -100, "32007": -100}
+WORDS = "the model answers every request of the file while the engine batches them".split()
+
+
+def requests(count: int, seed: int = 0) -> list[str]:
+    """Batch API lines of mixed prompt and answer lengths."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(count):
+        prompt = " ".join(rng.choice(WORDS) for _ in range(rng.choice([10, 25, 50, 100, 200])))
+        body = {
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": rng.choice([16, 32, 48, 64]),
+            "temperature": 0.7,
+            "seed": i,
+            "logit_bias": NO_END,
+        }
+        lines.append(
+            json.dumps(
+                {
+                    "custom_id": f"r{i}",
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": body,
+                }
+            )
+        )
+    return lines
+
+
+def one_at_a_time(service: ChatService, lines: list[str]) -> dict[str, Any]:
+    started = time.perf_counter()
+    tokens = 0
+    for text in lines:
+        body = json.loads(text)["body"]
+        tokens += service.complete(parse_request(body, route="openai")).usage.completion_tokens
+    return _figures(len(lines), tokens, time.perf_counter() - started)
+
+
+def batched(service: ChatService, lines: list[str], window: int) -> dict[str, Any]:
+    stats = service.core.stats
+    batches_before = stats.batches
+    started = time.perf_counter()
+    outputs = list(batch.run(service, lines, window=window))
+    elapsed = time.perf_counter() - started
+    bad = [o["custom_id"] for o in outputs if o["response"]["status_code"] != 200]
+    if bad:
+        raise SystemExit(f"requests failed: {bad[:5]}")
+    tokens = sum(batch.completion_tokens(o) for o in outputs)
+    figures = _figures(len(lines), tokens, elapsed)
+    figures["batches"] = stats.batches - batches_before
+    figures["rows_per_batch"] = round(len(lines) / figures["batches"], 2)
+    return figures
+
+
+def _figures(count: int, tokens: int, elapsed: float) -> dict[str, Any]:
+    return {
+        "seconds": round(elapsed, 2),
+        "requests_per_s": round(count / elapsed, 3),
+        "tokens_per_s": round(tokens / elapsed, 1),
+        "tokens": tokens,
+    }
+
+
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median time."""
+    return sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+
+
+def main() -> None:
+    parser = bench_arguments(__doc__ or "")
+    parser.set_defaults(repeats=1)
+    parser.add_argument("--model", type=Path, help="an exported model folder")
+    parser.add_argument(
+        "--layers", type=int, default=4, help="without --model: full-width random Phi-3-mini depth"
+    )
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--windows", default="1,2,4,8,16,32", help="requests in flight")
+    parser.add_argument(
+        "--prefill-caps",
+        default=str(engine.BATCH_PREFILL_TOKENS),
+        help="experiment: engine.BATCH_PREFILL_TOKENS values to try (padded tokens of a batched "
+        "prefill; the engine's own value is the default)",
+    )
+    parser.add_argument(
+        "--active-batches",
+        default="2",
+        help="batches the engine runs at once (Limits.max_active_batches), each tried per window",
+    )
+    args = parser.parse_args()
+    model = args.model or full_model("phi-3-mini-4k", "int4", layers=args.layers)
+    windows = [int(w) for w in args.windows.split(",")]
+    actives = [int(a) for a in args.active_batches.split(",")]
+    caps = [int(c) for c in args.prefill_caps.split(",")]
+    lines = requests(args.requests)
+    services = {
+        a: ChatService(
+            model, threads=args.threads, limits=Limits(max_queue=max(windows), max_active_batches=a)
+        )
+        for a in actives
+    }
+    configs = [(w, a, c) for w in windows for a in actives for c in caps]
+    own_cap = engine.BATCH_PREFILL_TOKENS
+    try:
+        for service in services.values():
+            batched(service, lines[:4], window=4)  # warm-up
+        rounds: dict[str, list[dict[str, Any]]] = {}
+        for _ in range(args.repeats):
+            rounds.setdefault("solo", []).append(one_at_a_time(services[actives[0]], lines))
+            print(f"one at a time: {rounds['solo'][-1]}", flush=True)
+            for window, active, cap in configs:
+                key = f"{window} in flight, {active} active"
+                if cap != own_cap:
+                    key += f", prefill cap {cap}"
+                engine.BATCH_PREFILL_TOKENS = cap  # read by fits_in_batch at each batch
+                try:
+                    rounds.setdefault(key, []).append(batched(services[active], lines, window))
+                finally:
+                    engine.BATCH_PREFILL_TOKENS = own_cap
+                print(f"{key}: {rounds[key][-1]}", flush=True)
+    finally:
+        for service in services.values():
+            service.close()
+    solo = _median(rounds["solo"])
+    runs = {key: _median(found) for key, found in rounds.items() if key != "solo"}
+    rows = [
+        [
+            "one at a time",
+            "1",
+            solo["seconds"],
+            solo["requests_per_s"],
+            solo["tokens_per_s"],
+            "1.00x",
+        ]
+    ]
+    for key, run in runs.items():
+        ratio = run["requests_per_s"] / solo["requests_per_s"]
+        rows.append(
+            [f"phi3edge batch, {key}", run["rows_per_batch"], run["seconds"],
+             run["requests_per_s"], run["tokens_per_s"], f"{ratio:.2f}x"]
+        )  # fmt: skip
+    headers = [
+        "run",
+        "rows per batch",
+        "s",
+        "requests/s",
+        "tokens/s",
+        "throughput vs one at a time",
+    ]
+    report = {
+        "machine": machine(),
+        "model": str(model),
+        "threads": args.threads,
+        "requests": args.requests,
+        "repeats": args.repeats,
+        "one_at_a_time": solo,
+        "batch": runs,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_batch.json").write_text(json.dumps(report, indent=2))
+    print(
+        f"\n{machine()}\nmodel {model}, {args.requests} requests, {args.threads} threads, "
+        f"median of {args.repeats}\n"
+    )
+    print(table(headers, rows))
+
+
+if __name__ == "__main__":
+    main()
