@@ -34,6 +34,8 @@ class OutputFile:
         self.done_ids: set[str] = set()
         self.done_lines: set[int] = set()  # input lines without a custom_id, already reported
         self.lines = 0
+        if self.path.is_dir():
+            raise BatchOutputError(f"the output {self.path} is a directory; give a file path")
         if self.path.exists():
             self.truncated_bytes = _cut_partial_line(self.path)
             self._read_done()

@@ -426,3 +426,6 @@ def test_command_refuses_duplicates_without_touching_the_output(
     missing = tmp_path / "missing.jsonl"
     assert main(["batch", str(tiny_int4), str(missing), "-o", str(tmp_path / "o.jsonl")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+    source.write_text(_line("a", body) + "\n")
+    assert main(["batch", str(tiny_int4), str(source), "-o", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
