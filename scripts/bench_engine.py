@@ -51,7 +51,15 @@ from typing import Any
 
 import httpx
 import numpy as np
-from benchlib import Server, bench_arguments, full_model, machine, median_time, table
+from benchlib import (
+    JSON_ITEM_SCHEMA,
+    Server,
+    bench_arguments,
+    full_model,
+    machine,
+    median_time,
+    table,
+)
 
 from phi3edge import engine, runtime
 from phi3edge.benchmark import NO_END, prompt_ids, time_generation
@@ -335,19 +343,6 @@ def member_speed(args: argparse.Namespace, results: dict[str, float]) -> None:
         print(f"{key}: {value:.2f} tok/s")
 
 
-STRUCTURED_ITEM = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 24},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "email": {"type": "string", "pattern": "^[a-z]{1,12}@[a-z]{1,12}\\.(com|org)$"},
-        "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 4},
-    },
-    "required": ["name", "age", "email", "tags"],
-    "additionalProperties": False,
-}
-
-
 def _og_greedy(
     model: runtime.LoadedModel, ids: list[int], new_tokens: int, ngram: bool, lark: str | None
 ) -> float:
@@ -480,7 +475,7 @@ def structured_decode(args: argparse.Namespace, results: dict[str, float]) -> No
     ids = prompt_ids(128)
     no_end = {i: -100.0 for i in model.eos_ids}
     free = SamplingConfig(**{**ALL_FEATURES.__dict__, "logit_bias": no_end})
-    schema = {"type": "array", "items": STRUCTURED_ITEM, "minItems": 100}
+    schema = {"type": "array", "items": JSON_ITEM_SCHEMA, "minItems": 100}
     body = {
         "messages": [{"role": "user", "content": "x"}],
         "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},

@@ -152,21 +152,10 @@ def main() -> None:
         structured_section(args.repeats)
 
 
-STRUCTURED_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 24},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "email": {"type": "string", "pattern": "^[a-z]{1,12}@[a-z]{1,12}\\.(com|org)$"},
-        "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 4},
-    },
-    "required": ["name", "age", "email", "tags"],
-    "additionalProperties": False,
-}
-
-
 def structured_section(repeats: int) -> None:
     """Per-step masking cost of JSON-schema answers (see the module docstring)."""
+    from benchlib import JSON_ITEM_SCHEMA
+
     from phi3edge.cli import tiny_demo_model
     from phi3edge.guidance import Constraint, Grammar, GrammarTokenizer, mask_words
 
@@ -178,9 +167,9 @@ def structured_section(repeats: int) -> None:
     tokenizer.get()
     build_s = time.perf_counter() - started
     compile_s = best_mean_seconds(
-        lambda: Grammar.from_json_schema(STRUCTURED_SCHEMA, "response_format"), 20, repeats
+        lambda: Grammar.from_json_schema(JSON_ITEM_SCHEMA, "response_format"), 20, repeats
     )
-    grammar = Grammar.from_json_schema(STRUCTURED_SCHEMA, "response_format")
+    grammar = Grammar.from_json_schema(JSON_ITEM_SCHEMA, "response_format")
     rng = np.random.default_rng(0)
     params = [_sampling.SamplingParams(temperature=TEMPERATURE, top_p=TOP_P, top_logprobs=5)]
     fill_s, plain_s, masked_s, accept_s = [], [], [], []

@@ -163,3 +163,18 @@ class Server:
         self._reader.join(timeout=5)
         self._log.close()
         self._access_log.close()
+
+
+# A JSON object schema with bounded strings, a pattern, an integer range and an enum array: the
+# structured-output benchmarks' answers (bench_engine, bench_sampler).
+JSON_ITEM_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "email": {"type": "string", "pattern": "^[a-z]{1,12}@[a-z]{1,12}\\.(com|org)$"},
+        "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 4},
+    },
+    "required": ["name", "age", "email", "tags"],
+    "additionalProperties": False,
+}
