@@ -495,6 +495,8 @@ def _decode_speculative(
             generator.rewind_to(keep)
         room = min(capacity - keep - 1, row.max_new_tokens - row.choice.generated - 1)
         drafts = lookup.draft(min(length.next(), room))
+        if drafts and row.constraint is not None:  # what the grammar forbids cannot be chosen
+            drafts = drafts[: row.constraint.allowed_prefix(drafts)]
         generator.append_tokens(np.asarray([[token, *drafts]], dtype=np.int32))
         in_generator = keep + 1 + len(drafts)
         logits = generator.get_output("logits")

@@ -155,6 +155,11 @@ class Constraint:
                 f"{self._matcher.get_error()}"
             )
 
+    def allowed_prefix(self, tokens: list[int]) -> int:
+        """How many of ``tokens``, in a row from here, the grammar would accept (speculative
+        drafts beyond that cannot be chosen, so they are not worth verifying)."""
+        return int(self._matcher.validate_tokens(tokens))
+
     @property
     def complete(self) -> bool:
         """Nothing can follow but the end: the grammar is satisfied and closed."""

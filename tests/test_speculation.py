@@ -35,16 +35,21 @@ def test_lookup_drafts_what_followed_the_latest_earlier_occurrence() -> None:
 
 
 def test_lookup_prefers_the_longest_suffix_ngram() -> None:
-    # 1-gram (4,) last occurred before 9; the 2-gram (3, 4) last occurred before 7
-    lookup = PromptLookup([3, 4, 7, 7, 4, 9, 9, 3, 4])
+    # the 2-gram (3, 4) last occurred before 1; the 3-gram (2, 3, 4) before 7
+    lookup = PromptLookup([2, 3, 4, 7, 7, 3, 4, 1, 2, 3, 4])
     assert lookup.draft(2) == [7, 7]
 
 
+def test_a_single_repeated_token_drafts_nothing() -> None:
+    assert PromptLookup([5, 8, 9, 5]).draft(3) == []
+
+
 def test_lookup_never_matches_the_suffix_itself_and_follows_appends() -> None:
-    lookup = PromptLookup([1, 2, 3])
+    lookup = PromptLookup([1, 2, 3, 4])
     assert lookup.draft(4) == []
     lookup.append(1)
-    assert lookup.draft(4) == [2, 3, 1]  # runs into the suffix: still what followed
+    lookup.append(2)
+    assert lookup.draft(4) == [3, 4, 1, 2]  # runs into the suffix: still what followed
     lookup.append(9)
     assert lookup.draft(4) == []
 
