@@ -9,10 +9,10 @@ HTTP server gives for it on the same route.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +31,9 @@ from phi3edge.batch_file import BatchOutputError, OutputFile
 from phi3edge.client import ChatCompletionsClient
 from phi3edge.service import ChatService
 
-ROOT = Path(__file__).resolve().parents[1]
+# The command runs as a user runs it: the installed package, from a folder away from this source
+# tree (which holds no compiled sampler unless built in place).
+AWAY = Path(tempfile.gettempdir())
 NO_END = {"32007": -100, "32000": -100, "32001": -100}  # keep generating until max_tokens
 
 # The example lines of the OpenAI Batch API guide and of Azure OpenAI's batch how-to.
@@ -322,9 +324,8 @@ def _batch_command(model: Path, source: Path, out: Path, *flags: str) -> list[st
 
 
 def _start(command: list[str]) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command, cwd=AWAY, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
@@ -346,7 +347,7 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, tiny_fp32: Path) -> 
     source.write_text("\n".join(_requests(32, max_tokens=96)) + "\n")
     out = root / "reference.jsonl"
     done = subprocess.run(
-        _batch_command(tiny_fp32, source, out), cwd=ROOT, capture_output=True, text=True
+        _batch_command(tiny_fp32, source, out), cwd=AWAY, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
     assert "32 requests answered (0 errors)" in done.stderr and "tokens/s" in done.stderr
@@ -368,7 +369,7 @@ def test_a_killed_run_resumes_with_one_line_per_custom_id(
         handle.write(b'{"id":"batch_req_x","custom_id":"r31","response":{"status_co')
 
     second = subprocess.run(
-        _batch_command(tiny_fp32, source, out), cwd=ROOT, capture_output=True, text=True
+        _batch_command(tiny_fp32, source, out), cwd=AWAY, capture_output=True, text=True
     )
     assert second.returncode == 0, second.stderr
     assert "cut off a partial last line" in second.stderr
@@ -382,7 +383,7 @@ def test_a_killed_run_resumes_with_one_line_per_custom_id(
     }
 
     again = subprocess.run(
-        _batch_command(tiny_fp32, source, out), cwd=ROOT, capture_output=True, text=True
+        _batch_command(tiny_fp32, source, out), cwd=AWAY, capture_output=True, text=True
     )
     assert again.returncode == 0 and "nothing to do" in again.stderr
     assert len(_read(out)) == 32
@@ -403,7 +404,7 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(
     assert 2 <= len(kept) < 32
 
     done = subprocess.run(
-        _batch_command(tiny_fp32, source, out), cwd=ROOT, capture_output=True, text=True
+        _batch_command(tiny_fp32, source, out), cwd=AWAY, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
     finished = _by_id(_read(out))

@@ -24,11 +24,14 @@ from phi3edge.cli import main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    """Two CPUs for two one-CPU actors, one for Ray Data's read tasks. The workers import this
-    checkout's phi3edge and tests (the pipeline test ships a class defined here)."""
+def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Two CPUs for two one-CPU actors, one for Ray Data's read tasks. The workers import the
+    installed phi3edge and these tests (the pipeline test ships a class defined here); never
+    the source tree, which holds no compiled sampler unless built in place."""
     here = Path(__file__).resolve().parent
-    path = os.pathsep.join([str(here.parent), str(here), os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])
+    previous = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("ray-driver"))  # Ray puts the driver's cwd on workers' path
     ray.init(
         num_cpus=3,
         include_dashboard=False,
@@ -39,8 +42,11 @@ def local_ray() -> Iterator[None]:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.wait_for_min_actors_s = 120  # every actor loads its model before rows go out
-    yield
-    ray.shutdown()
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        os.chdir(previous)
 
 
 @pytest.fixture(scope="module")
