@@ -1,9 +1,10 @@
 """phi3edge's C++ sampling kernel (csrc/, private).
 
 One call samples one token for every row of a batch. Per row, in order: logit_bias -> presence and
-frequency penalties over the row's generated tokens -> reported logprobs (log-softmax at
-temperature 1) -> temperature (0 = argmax, ties to the lowest id) -> top_k -> top_p -> one draw
-from the row's RNG. Bad input raises ValueError (TypeError for objects of the wrong type).
+frequency penalties over the row's generated tokens -> the allowed-token mask, if any -> reported
+logprobs (log-softmax at temperature 1) -> temperature (0 = argmax, ties to the lowest id) ->
+top_k -> top_p -> one draw from the row's RNG. Bad input raises ValueError (TypeError for
+objects of the wrong type).
 """
 
 from collections.abc import Sequence
@@ -74,9 +75,15 @@ def sample(
     logits: npt.NDArray[np.float32],
     params: Sequence[SamplingParams],
     states: Sequence[RowState],
+    allowed: npt.NDArray[np.int32] | npt.NDArray[np.uint32] | None = None,
 ) -> StepOutput:
     """One step for every row of float32 logits [B, V] or [B, 1, V] (read in place when
     C-contiguous, else copied; never written; other dtypes raise ValueError).
+
+    allowed: an optional constraint bitmask [B, ceil(V / 32)] (llguidance's layout: bit j of
+    word j // 32 set = token j allowed; a row of all ones is unconstrained). After logit_bias
+    and penalties the tokens it clears get -inf: they are never chosen nor reported, and the
+    logprobs are those of the allowed tokens. A row that allows no token raises ValueError.
 
     len(params) == len(states) == B, every state has vocab_size V and no state appears twice.
     Each row's state then counts the chosen token and advances its RNG by one draw; a call that
