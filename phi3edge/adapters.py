@@ -19,7 +19,6 @@ scaling is ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA), per module when ``ran
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from phi3edge import lora_graph
-from phi3edge.export import ExportError, Manifest
+from phi3edge.export import ExportError, Manifest, files_checksum
 
 ADAPTER_DIR = "adapters"
 SUFFIX = ".onnx_adapter"
@@ -379,10 +378,4 @@ def _same_base(base: str, manifest: Manifest) -> bool:
 
 
 def _checksum(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for name in (CONFIG, *WEIGHTS):
-        path = folder / name
-        if path.is_file():
-            digest.update(name.encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
+    return files_checksum([folder / n for n in (CONFIG, *WEIGHTS) if (folder / n).is_file()])

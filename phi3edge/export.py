@@ -390,9 +390,14 @@ def _quiet_quantizer_logs() -> Iterator[None]:
 
 def source_checksum(source_dir: Path) -> str:
     """sha256 over config.json and the weight files (name + content), in name order."""
-    digest = hashlib.sha256()
     files = sorted(source_dir.glob("*.safetensors")) + sorted(source_dir.glob("*.bin"))
-    for path in [source_dir / "config.json", *files]:
+    return files_checksum([source_dir / "config.json", *files])
+
+
+def files_checksum(paths: list[Path]) -> str:
+    """sha256 over each file's name and content, in the order given."""
+    digest = hashlib.sha256()
+    for path in paths:
         digest.update(path.name.encode())
         with path.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):

@@ -17,14 +17,13 @@ logprobs are those of the constrained distribution.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from phi3edge.errors import bad_request
+from phi3edge.errors import ApiError, bad_request
 
 GrammarKind = Literal["json_schema", "regex", "lark"]
 
@@ -80,16 +79,15 @@ class Grammar:
 
         error = llguidance.LLMatcher.validate_grammar(self.text, tokenizer)
         if error:
-            raise bad_request(
-                f"{self.param} cannot be used: {_first_lines(error)}",
-                self.param,
-                code="invalid_parameter",
-            )
+            raise _unusable(self.param, error)
         return self
 
 
-def _first_lines(text: str, limit: int = 600) -> str:
-    return text.strip()[:limit]
+def _unusable(param: str, reason: str) -> ApiError:
+    """400 naming ``param``, with (the start of) llguidance's reason."""
+    return bad_request(
+        f"{param} cannot be used: {reason.strip()[:600]}", param, code="invalid_parameter"
+    )
 
 
 class GrammarTokenizer:
@@ -101,26 +99,18 @@ class GrammarTokenizer:
         self._vocab_size = vocab_size
         self._eos_ids = sorted(eos_ids)
         self._built: Any = None
-        self._lock = threading.Lock()
 
     def get(self) -> Any:
-        with self._lock:
-            if self._built is None:
-                import llguidance
+        if self._built is None:
+            import llguidance
 
-                self._built = llguidance.LLTokenizer(
-                    self._path.read_text("utf-8"),
-                    n_vocab=self._vocab_size,
-                    eos_token=self._eos_ids,
-                )
-            return self._built
+            self._built = llguidance.LLTokenizer(
+                self._path.read_text("utf-8"), n_vocab=self._vocab_size, eos_token=self._eos_ids
+            )
+        return self._built
 
     def __getstate__(self) -> dict[str, Any]:  # metadata crosses to the caller's process
-        return {**self.__dict__, "_built": None, "_lock": None}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+        return {**self.__dict__, "_built": None}
 
 
 def mask_words(vocab_size: int) -> int:
@@ -134,14 +124,9 @@ class Constraint:
     def __init__(self, grammar: Grammar, tokenizer: GrammarTokenizer) -> None:
         import llguidance
 
-        self.param = grammar.param
         self._matcher = llguidance.LLMatcher(tokenizer.get(), grammar.text, log_level=0)
         if self._matcher.is_error():
-            raise bad_request(
-                f"{grammar.param} cannot be used: {_first_lines(self._matcher.get_error())}",
-                grammar.param,
-                code="invalid_parameter",
-            )
+            raise _unusable(grammar.param, self._matcher.get_error())
 
     def fill(self, row: np.ndarray) -> None:
         """Write the allowed-token bitmask into ``row`` (int32 [words], C-contiguous)."""

@@ -61,7 +61,11 @@ class ChatService:
         member = catalog_member(self.model.manifest.catalog_id)
         self.model_name = member.hf_id.split("/")[1]
         self._aliases = {a.lower() for a in (self.model_name, member.id, member.hf_id, "phi3edge")}
-        self.adapter_names = self.model.adapter_names  # LoRA fine-tunes, served by name
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The LoRA fine-tunes of the model, served by name."""
+        return self.model.adapter_names
 
     def served_name(self, request: ChatRequest) -> str:
         """The ``model`` a response names: the adapter the request chose, else the base."""
