@@ -63,6 +63,7 @@ struct Workspace {
           weights(static_cast<std::size_t>(vocab)),
           column_max(static_cast<std::size_t>((vocab + kGroup - 1) / kGroup * kLanes)),
           column_weight(column_max.size()),
+          column_count(column_max.size()),
           group_mass(static_cast<std::size_t>((vocab + kGroup - 1) / kGroup)),
           ids(static_cast<std::size_t>(vocab)) {}
 
@@ -70,6 +71,7 @@ struct Workspace {
     std::vector<float> weights;     // exp((logit - max) / temperature)
     std::vector<float> column_max;  // max of each column of the processed row
     std::vector<float> column_weight;
+    std::vector<std::int32_t> column_count;  // row_nucleus: boundary tokens per column
     std::vector<double> group_mass;
     std::vector<std::int32_t> ids;  // gathered candidate ids
     std::vector<Candidate> candidates;
@@ -333,24 +335,27 @@ std::int64_t apply_allowed(const std::uint32_t* allowed, std::int64_t n, float* 
     return count;
 }
 
-PHI3EDGE_MULTIVERSION
-float max_of(const float* __restrict x, std::int64_t n) {
+// The largest (kLargest) or smallest value of x[0, n).
+template <bool kLargest>
+PHI3EDGE_MULTIVERSION float extreme_of(const float* __restrict x, std::int64_t n) {
+    const auto pick = [](float a, float b) { return kLargest ? std::max(a, b) : std::min(a, b); };
+    const float start = kLargest ? -kInf : kInf;
     float lane[kLanes];
     for (std::int64_t j = 0; j < kLanes; ++j) {
-        lane[j] = -kInf;
+        lane[j] = start;
     }
     std::int64_t i = 0;
     for (; i + kLanes <= n; i += kLanes) {
         for (std::int64_t j = 0; j < kLanes; ++j) {
-            lane[j] = std::max(lane[j], x[i + j]);
+            lane[j] = pick(lane[j], x[i + j]);
         }
     }
-    float m = -kInf;
+    float m = start;
     for (; i < n; ++i) {
-        m = std::max(m, x[i]);
+        m = pick(m, x[i]);
     }
     for (const float v : lane) {
-        m = std::max(m, v);
+        m = pick(m, v);
     }
     return m;
 }
@@ -511,14 +516,12 @@ std::size_t gather_ids(const float* x, std::int64_t n, const float* column_max, 
     return count;
 }
 
-// Fills ws.candidates (unordered) with at least min_count tokens holding at least min_mass weight:
-// every token above a threshold. The threshold comes from the column maxima first: they are tokens
-// themselves, so the tokens above a threshold are at least as many and as heavy as the column
-// maxima above it. When those lower bounds never suffice (flat distributions), a histogram of the
-// whole row gives it; when rounding at a bin edge still falls short, the whole row is taken.
-std::size_t gather_candidates(Workspace& ws, std::int64_t vocab, float max, float unit, float scale,
-                              const float* weights, std::size_t min_count, double min_mass) {
-    const float* logits = ws.logits.data();
+// A threshold above which the tokens surely number at least min_count and hold at least min_mass
+// weight, from the column maxima alone: they are tokens themselves, so the tokens above a
+// threshold are at least as many and as heavy as the column maxima above it. -inf when those
+// lower bounds never suffice (flat distributions).
+float sketch_threshold(Workspace& ws, float max, float unit, float scale, std::size_t min_count,
+                       double min_mass) {
     const float* column_max = ws.column_max.data();
     const auto columns = static_cast<std::int64_t>(ws.column_max.size());
     const bool weighted = min_mass > 0.0;
@@ -527,7 +530,18 @@ std::size_t gather_candidates(Workspace& ws, std::int64_t vocab, float max, floa
     }
     DistanceHistogram sketch(max, unit);
     sketch.add(column_max, weighted ? ws.column_weight.data() : nullptr, columns);
-    float threshold = sketch.threshold(min_count, min_mass);
+    return sketch.threshold(min_count, min_mass);
+}
+
+// Fills ws.candidates (unordered) with at least min_count tokens holding at least min_mass weight:
+// every token above threshold (sketch_threshold's). When that is -inf, a histogram of the whole
+// row gives it; when rounding at a bin edge still falls short, the whole row is taken.
+std::size_t gather_candidates(Workspace& ws, std::int64_t vocab, float max, float unit,
+                              const float* weights, std::size_t min_count, double min_mass,
+                              float threshold) {
+    const float* logits = ws.logits.data();
+    const float* column_max = ws.column_max.data();
+    const bool weighted = min_mass > 0.0;
     if (threshold == -kInf) {
         DistanceHistogram exact(max, unit);
         exact.add(logits, weighted ? weights : nullptr, vocab);
@@ -646,6 +660,156 @@ std::int32_t draw_full(const float* w, const double* group_mass, std::int64_t n,
     return static_cast<std::int32_t>(last);
 }
 
+// Step 6 on a flat row (no top_k, and the column maxima cannot bound the nucleus: it spans much of
+// the vocabulary). Instead of gathering and ranking most of the row as candidates, a bisection on
+// the logit narrows an interval [lo, hi) that holds the boundary token, one vectorised pass per
+// round, until it holds at most kBoundaryTokens tokens (or cannot be split: ties). The weighted
+// ones are ranked as in top_p_nucleus. Then the weights outside the kept set are zeroed and the group
+// masses refreshed, so that draw_full samples the nucleus in id order.
+
+constexpr std::int64_t kBoundaryTokens = 64;
+
+// The weight and number of the tokens with lo <= x < hi; with kColumns, each column's number too
+// (column_count, as column_max).
+template <bool kColumns>
+PHI3EDGE_MULTIVERSION std::pair<double, std::int64_t> slice_of(
+    const float* __restrict x, const float* __restrict w, std::int64_t n, float lo, float hi,
+    std::int32_t* __restrict column_count) {
+    double mass = 0.0;
+    std::int64_t count = 0;
+    const std::int64_t groups = (n + kGroup - 1) / kGroup;
+    for (std::int64_t g = 0; g < groups; ++g) {
+        const std::int64_t base = g * kGroup;
+        const std::int64_t end = std::min(n, base + kGroup);
+        float lane[kLanes] = {};
+        float inside[kLanes] = {};  // counts up to 16: exact in float, and one vector type
+        if (end - base == kGroup) {
+            for (std::int64_t r = base; r < end; r += kLanes) {
+                PHI3EDGE_LANE_LOOP
+                for (std::int64_t j = 0; j < kLanes; ++j) {
+                    const float v = x[r + j];
+                    const float in = v >= lo && v < hi ? 1.0F : 0.0F;
+                    lane[j] += in * w[r + j];
+                    inside[j] += in;
+                }
+            }
+        } else {
+            for (std::int64_t i = base; i < end; ++i) {
+                const bool in = x[i] >= lo && x[i] < hi;
+                lane[i % kLanes] += in ? w[i] : 0.0F;
+                inside[i % kLanes] += in ? 1.0F : 0.0F;
+            }
+        }
+        for (std::int64_t j = 0; j < kLanes; ++j) {
+            const auto columns = static_cast<std::int32_t>(inside[j]);
+            count += columns;
+            if constexpr (kColumns) {
+                column_count[g * kLanes + j] = columns;
+            }
+        }
+        for (std::int64_t width = kLanes / 2; width > 0; width /= 2) {
+            for (std::int64_t j = 0; j < width; ++j) {
+                lane[j] += lane[j + width];
+            }
+        }
+        mass += static_cast<double>(lane[0]);
+    }
+    return {mass, count};
+}
+
+// Keeps the tokens ranked at or before (last_logit, last_id): zeroes the other weights, refreshes
+// group_mass and returns the kept weight.
+PHI3EDGE_MULTIVERSION
+double keep_ranked_before(const float* __restrict x, float* __restrict w, std::int64_t n,
+                          float last_logit, std::int64_t last_id, double* __restrict group_mass) {
+    double total = 0.0;
+    const std::int64_t groups = (n + kGroup - 1) / kGroup;
+    for (std::int64_t g = 0; g < groups; ++g) {
+        const std::int64_t base = g * kGroup;
+        const std::int64_t end = std::min(n, base + kGroup);
+        float lane[kLanes] = {};
+        if (end - base == kGroup) {
+            for (std::int64_t r = base; r < end; r += kLanes) {
+                PHI3EDGE_LANE_LOOP
+                for (std::int64_t j = 0; j < kLanes; ++j) {
+                    const float v = x[r + j];
+                    const float kept =
+                        v > last_logit || (v == last_logit && r + j <= last_id) ? 1.0F : 0.0F;
+                    w[r + j] *= kept;
+                    lane[j] += w[r + j];
+                }
+            }
+        } else {
+            for (std::int64_t i = base; i < end; ++i) {
+                const bool kept = x[i] > last_logit || (x[i] == last_logit && i <= last_id);
+                w[i] = kept ? w[i] : 0.0F;
+                lane[i % kLanes] += w[i];
+            }
+        }
+        for (std::int64_t width = kLanes / 2; width > 0; width /= 2) {
+            for (std::int64_t j = 0; j < width; ++j) {
+                lane[j] += lane[j + width];
+            }
+        }
+        group_mass[g] = static_cast<double>(lane[0]);
+        total += static_cast<double>(lane[0]);
+    }
+    return total;
+}
+
+// Step 6 on the whole row (see above): leaves only the nucleus weighted in ws.weights and
+// ws.group_mass and returns its weight (the row's, unchanged, if rounding never reaches target).
+double row_nucleus(Workspace& ws, std::int64_t vocab, float max, float scale, double mass,
+                   double target) {
+    const float* x = ws.logits.data();
+    float* w = ws.weights.data();
+    // Below max - 126 / scale a weight is 0 (exp2_nonpositive), so the interval starts there.
+    float lo = std::max(extreme_of<false>(x, vocab), max - 127.0F / scale);
+    float hi = std::nextafter(max, kInf);
+    double above = 0.0;           // weight of the tokens at or above hi
+    std::int64_t inside = vocab;  // tokens in [lo, hi), at most
+    while (inside > kBoundaryTokens) {
+        const float mid = lo + (hi - lo) * 0.5F;
+        if (!(mid > lo && mid < hi)) {
+            break;  // adjacent floats: what remains are ties
+        }
+        const auto [upper_mass, upper_count] = slice_of<false>(x, w, vocab, mid, hi, nullptr);
+        if (above + upper_mass >= target) {
+            lo = mid;
+            inside = upper_count;
+        } else {
+            above += upper_mass;
+            hi = mid;
+            inside -= upper_count;
+        }
+    }
+    std::int32_t* column_count = ws.column_count.data();
+    slice_of<true>(x, w, vocab, lo, hi, column_count);
+    std::vector<Candidate>& boundary = ws.boundary;
+    boundary.clear();
+    for (std::size_t c = 0; c < ws.column_count.size(); ++c) {
+        if (column_count[c] == 0) {
+            continue;
+        }
+        const Column column = column_of(static_cast<std::int64_t>(c), vocab);
+        for (std::int64_t i = column.first; i < column.end; i += kLanes) {
+            if (x[i] >= lo && x[i] < hi && w[i] > 0.0F) {
+                boundary.push_back(Candidate{rank_key(x[i], static_cast<std::int32_t>(i)), x[i],
+                                            w[i]});
+            }
+        }
+    }
+    std::sort(boundary.begin(), boundary.end(), ranks_before);
+    double kept = above;
+    for (const Candidate& c : boundary) {
+        kept += static_cast<double>(c.weight);
+        if (kept >= target) {
+            return keep_ranked_before(x, w, vocab, c.logit, id_of(c), ws.group_mass.data());
+        }
+    }
+    return mass;  // rounding: keep the whole row
+}
+
 // ---------------------------------------------------------------------------------------------
 // One row
 // ---------------------------------------------------------------------------------------------
@@ -716,7 +880,7 @@ Processed process_row(const float* raw, std::int64_t vocab, std::int64_t row,
             return "the allowed-token mask of row " + std::to_string(row) + " allows no token";
         });
     }
-    return Processed{max_of(ws.column_max.data(), static_cast<std::int64_t>(ws.column_max.size())),
+    return Processed{extreme_of<true>(ws.column_max.data(), static_cast<std::int64_t>(ws.column_max.size())),
                      count};
 }
 
@@ -813,15 +977,26 @@ void sample_row(const float* raw, std::int64_t vocab, std::int64_t row,
                              static_cast<double>(max) - softmax.log_z;
         return value < -static_cast<double>(FLT_MAX) ? -kInf : static_cast<float>(value);
     };
-    const Needs needs = needs_of(params, processed.allowed, softmax);
+    Needs needs = needs_of(params, processed.allowed, softmax);
     std::size_t n = 0;
+    bool flat_nucleus = false;
     if (needs.min_count > 0) {
         // Histogram bins are a quarter of this many logits wide: the temperature when sampling.
         const double temperature = params.temperature();
         const auto unit =
             static_cast<float>(temperature == 0.0 ? 1.0 : std::max(temperature, 0.25));
-        n = gather_candidates(ws, vocab, max, unit, softmax.scale, softmax.weights, needs.min_count,
-                              needs.min_mass);
+        float threshold =
+            sketch_threshold(ws, max, unit, softmax.scale, needs.min_count, needs.min_mass);
+        flat_nucleus = threshold == -kInf && needs.min_mass > 0.0;
+        if (flat_nucleus) {  // step 6 runs over the whole row; candidates are the alternatives
+            needs.min_count = needs.head;
+            needs.min_mass = 0.0;
+            threshold = sketch_threshold(ws, max, unit, softmax.scale, needs.min_count, 0.0);
+        }
+        if (needs.min_count > 0) {
+            n = gather_candidates(ws, vocab, max, unit, softmax.weights, needs.min_count,
+                                  needs.min_mass, threshold);
+        }
     }
     Candidate* c = ws.candidates.data();
     std::partial_sort(c, c + needs.head, c + n, ranks_before);
@@ -830,7 +1005,13 @@ void sample_row(const float* raw, std::int64_t vocab, std::int64_t row,
         out.top_ids[i] = used ? id_of(c[i]) : -1;
         out.top_logprobs[i] = used ? logprob(id_of(c[i])) : -kInf;
     }
-    *out.token = choose_token(c, n, needs, softmax, params, vocab, u, ws);
+    if (flat_nucleus) {
+        const double kept = row_nucleus(ws, vocab, max, softmax.scale, softmax.mass,
+                                        params.top_p() * softmax.mass);
+        *out.token = draw_full(softmax.weights, ws.group_mass.data(), vocab, kept, u);  // 7
+    } else {
+        *out.token = choose_token(c, n, needs, softmax, params, vocab, u, ws);
+    }
     *out.logprob = logprob(*out.token);
 }
 
@@ -911,3 +1092,4 @@ void fill_forced_logits(const std::vector<std::int64_t>& tokens, std::int64_t vo
 }
 
 }  // namespace phi3edge
+

@@ -7,7 +7,7 @@ the longest recent n-gram (3 or 2 tokens), as in llama.cpp's and vLLM's prompt l
 
 Why it pays: rewriting, quoting, code edits and continuing a given passage repeat long runs of the
 prompt. The engine appends the drafts together with the last chosen token in one model call and
-checks every position with our own sampler (``engine._decode_speculative``); a model call on CPU
+checks every position with our own sampler (``engine._decode_one``); a model call on CPU
 costs little more for a few tokens than for one, so each accepted draft token is nearly free.
 No model, no randomness: drafts are a deterministic function of the tokens.
 """

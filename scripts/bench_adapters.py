@@ -30,39 +30,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from benchlib import bench_arguments, machine, table  # noqa: E402
+from benchlib import MID, MID_LAYERS, bench_arguments, machine, mid_model, table  # noqa: E402
 
-from phi3edge import adapters, export, fixtures, runtime  # noqa: E402
+from phi3edge import adapters, fixtures, runtime  # noqa: E402
 from phi3edge.benchmark import NO_END, prompt_ids, time_generation  # noqa: E402
-from phi3edge.cli import cache_dir  # noqa: E402
 from phi3edge.schema import SamplingConfig  # noqa: E402
 
-MID = {
-    "hidden_size": 1024,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 16,
-    "intermediate_size": 2816,
-}
-LAYERS = 8
 LORAS = {
     "r16-all": {"targets": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), "rank": 16},
     "r64-attn": {"targets": ("qkv_proj", "o_proj"), "rank": 64},
 }
-
-
-def mid_model() -> tuple[Path, Path]:
-    """The mid-size checkpoint and its plain INT4 export, built once and cached."""
-    root = cache_dir() / "bench"
-    checkpoint = root / f"mid-phi-3-mini-h{MID['hidden_size']}-l{LAYERS}-random"
-    if not (checkpoint / "config.json").exists():
-        print(f"building a mid-size random Phi-3-mini in {checkpoint} ...", flush=True)
-        fixtures.write_random_checkpoint(
-            "phi-3-mini-4k", checkpoint, size="full", layers=LAYERS, overrides=MID
-        )
-    exported = checkpoint.with_name(checkpoint.name + "-int4")
-    if not (exported / export.MANIFEST).exists():
-        export.export(checkpoint, exported, progress=print)
-    return checkpoint, exported
 
 
 def peft_adapters(checkpoint: Path) -> dict[str, Path]:
@@ -175,7 +152,7 @@ def main() -> None:
         overhead = graph_overhead(plain_dir, lora_dir, args)
     print()
     print(
-        f"mid-size random Phi-3-mini (hidden {MID['hidden_size']}, {LAYERS} layers) INT4, "
+        f"mid-size random Phi-3-mini (hidden {MID['hidden_size']}, {MID_LAYERS} layers) INT4, "
         f"{args.prompt}-token prompt, {args.new} new tokens, {args.threads} threads, "
         f"medians of {args.repeats}; {machine()}"
     )
@@ -217,7 +194,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "machine": machine(),
-        "model": {**MID, "num_hidden_layers": LAYERS, "precision": "int4"},
+        "model": {**MID, "num_hidden_layers": MID_LAYERS, "precision": "int4"},
         "prompt_tokens": args.prompt,
         "new_tokens": args.new,
         "threads": args.threads,

@@ -43,6 +43,31 @@ def full_model(
     return exported
 
 
+MID = {
+    "hidden_size": 1024,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "intermediate_size": 2816,
+}
+MID_LAYERS = 8
+
+
+def mid_model() -> tuple[Path, Path]:
+    """A mid-size random Phi-3-mini (hidden 1024, 8 layers, the real vocabulary) and its INT4
+    export, built once and cached: a model fast enough that a per-token overhead shows."""
+    root = cache_dir() / "bench"
+    checkpoint = root / f"mid-phi-3-mini-h{MID['hidden_size']}-l{MID_LAYERS}-random"
+    if not (checkpoint / "config.json").exists():
+        print(f"building a mid-size random Phi-3-mini in {checkpoint} ...", flush=True)
+        fixtures.write_random_checkpoint(
+            "phi-3-mini-4k", checkpoint, size="full", layers=MID_LAYERS, overrides=MID
+        )
+    exported = checkpoint.with_name(checkpoint.name + "-int4")
+    if not (exported / export.MANIFEST).exists():
+        export.export(checkpoint, exported, progress=print)
+    return checkpoint, exported
+
+
 def median_time(run: Callable[[], object], repeats: int = 3) -> float:
     """Median wall time of ``repeats`` calls (seconds)."""
     times = []

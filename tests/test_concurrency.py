@@ -217,13 +217,15 @@ def test_a_dropped_stream_is_cancelled(make_client: Any, calls: Calls) -> None:
 def test_a_long_prompt_is_prefilled_in_chunks_and_can_be_cancelled(
     make_client: Any, calls: Calls, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    client = make_client(kv_cache_entries=0, speculative=False)  # appends: the prompt's only
+    client = make_client(kv_cache_entries=0, speculative=False)
     words = " ".join(f"w{i}" for i in range(250))  # over 2 chunks of tiny-model tokens
     answer = client.complete(messages=[{"role": "user", "content": words}], max_tokens=2)
     prompt_tokens = answer.usage.prompt_tokens
     assert prompt_tokens > 2 * PREFILL_CHUNK
+    # the prompt in chunks, then the first token (the second is never run: the answer ends)
     assert calls.appended == [PREFILL_CHUNK] * (prompt_tokens // PREFILL_CHUNK) + [
-        prompt_tokens % PREFILL_CHUNK
+        prompt_tokens % PREFILL_CHUNK,
+        1,
     ]
     # chunks give the logits of one append: the same tokens and logprobs
     params = {

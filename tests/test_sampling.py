@@ -279,6 +279,32 @@ def test_flat_row_nucleus_is_exact() -> None:
     assert out.logprobs == pytest.approx(-math.log(5000), abs=1e-5)
 
 
+@pytest.mark.parametrize("quantum", [0.0, 0.125])  # 0.125: ties straddle the boundary
+def test_flat_nucleus_over_phi3s_vocabulary_matches_the_reference(quantum: float) -> None:
+    # A random-weight model's row (std 0.6 over V = 32064): top_p 0.9 keeps about two thirds of
+    # the vocabulary, so the kernel finds the boundary over the whole row, not from candidates.
+    vocab, draws = 32064, 4000
+    row = np.random.default_rng(5).normal(0.0, 0.6, vocab).astype(np.float32)
+    if quantum:
+        row = (np.round(row / quantum) * quantum).astype(np.float32)
+    params = SamplingParams(temperature=0.7, top_p=0.9, top_logprobs=5)
+    kept, probs = reference_kept(row.astype(np.float64), params)
+    assert 0.5 * vocab < kept.size < vocab
+    out = sample(np.repeat(row[None], draws, 0), [params] * draws, states_for(draws, vocab))
+    ranking = reference_ranking(row)
+    assert (out.top_ids == ranking[:5]).all()
+    rank_of = np.full(vocab, -1)
+    rank_of[kept] = np.arange(kept.size)
+    ranks = rank_of[out.tokens]
+    assert (ranks >= 0).all(), "a token outside the nucleus was drawn"
+    # Ten slices of the nucleus holding equal probability each get a tenth of the draws.
+    edges = np.searchsorted(np.cumsum(probs), np.linspace(0.1, 0.9, 9))
+    counts = np.bincount(np.searchsorted(edges, ranks, side="right"), minlength=10)
+    means = np.diff(np.concatenate([[0.0], np.cumsum(probs)[edges], [1.0]])) * draws
+    chi_square = float(((counts - means) ** 2 / means).sum())
+    assert chi_square < 2 * CHI_SQUARE_BOUND, (counts, means)  # 9 degrees of freedom
+
+
 def test_bias_plus_100_forces_a_token() -> None:
     observed = frequencies(np.zeros(5), SamplingParams(logit_bias={2: 100.0}), 500)
     assert observed.tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]
