@@ -71,6 +71,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         accuracy_level=args.accuracy_level,
         lm_head=args.lm_head,
         embeddings=args.embeddings,
+        method=args.quant_method,
+        symmetric=False if args.asymmetric else None,
     )
     export(
         args.source,
@@ -414,6 +416,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--lm-head", choices=["int4", "int8", "fp32"], default="int4")
     exp.add_argument("--embeddings", choices=["fp32", "int4"], default="fp32")
+    exp.add_argument(
+        "--quant-method",
+        choices=["rtn", "k_quant", "k_quant_last", "k_quant_mixed"],
+        default="rtn",
+        help="how INT4 blocks are rounded: rtn (round to nearest), k_quant (llama.cpp's k-quant "
+        "search for each block's scale and minimum), k_quant_last (also an int8 lm_head), "
+        "k_quant_mixed (also int8 for the lm_head and the MatMuls llama.cpp's Q4_K_M keeps "
+        "at higher precision)",
+    )
+    exp.add_argument(
+        "--asymmetric",
+        action="store_true",
+        help="rtn blocks with a zero point (uint4) instead of symmetric int4; "
+        "the k_quant methods are asymmetric anyway",
+    )
     exp.add_argument(
         "--moe-experts",
         choices=["int4", "int8"],

@@ -45,14 +45,28 @@ SMALL = "Phi3SmallForCausalLM"  # exported through phi3edge.phi3_small (imports 
 MOE_EXPERTS = ("int4", "int8")  # onnxruntime's CPU QMoE kernel has no float experts
 
 
+# How the INT4 weights are rounded. "rtn" is the builder's default quantizer (MLAS round to
+# nearest); the k-quant ones are llama.cpp's k-quant search for each block's scale and minimum,
+# "_last" keeping the lm_head at int8 and "_mixed" also llama.cpp Q4_K_M's most sensitive MatMuls
+# (first and last eighth of the layers and every third layer's qkv/down projections).
+METHODS = ("rtn", "k_quant", "k_quant_last", "k_quant_mixed")
+KEEPS_LM_HEAD_INT8 = ("k_quant_last", "k_quant_mixed")
+
+
 @dataclass(frozen=True)
 class Int4Options:
-    """How the INT4 export quantizes; the defaults were picked by ``scripts/bench_quant.py``."""
+    """How the INT4 export quantizes; the defaults were picked by ``scripts/bench_quant.py``.
+
+    ``symmetric``: RTN blocks without (True) or with (False) a zero point; None is the method's
+    own layout (RTN symmetric; k-quant always stores a minimum per block, so it is asymmetric).
+    """
 
     block_size: int = DEFAULT_BLOCK_SIZE
     accuracy_level: int = 4
     lm_head: str = "int4"
     embeddings: str = "fp32"
+    method: str = "rtn"
+    symmetric: bool | None = None
 
     def check(self) -> None:
         for name, value, allowed in (
@@ -60,13 +74,41 @@ class Int4Options:
             ("accuracy level", self.accuracy_level, ACCURACY_LEVELS),
             ("lm_head", self.lm_head, LM_HEADS),
             ("embeddings", self.embeddings, EMBEDDINGS),
+            ("quant method", self.method, METHODS),
         ):
             if value not in allowed:
                 raise ExportError(f"{name} must be one of {allowed}, not {value!r}")
+        if self.symmetric not in (None, True, False):
+            raise ExportError(f"symmetric must be True, False or None, not {self.symmetric!r}")
+        if self.method != "rtn" and self.symmetric:
+            raise ExportError(
+                f"quant method {self.method} is asymmetric (a scale and a minimum per block); "
+                "symmetric blocks need quant method rtn"
+            )
+        if self.method in KEEPS_LM_HEAD_INT8 and self.lm_head != "int4":
+            raise ExportError(
+                f"quant method {self.method} sets the lm_head to int8 itself; "
+                f"drop lm_head {self.lm_head!r} (or use quant method k_quant with it)"
+            )
+
+    @property
+    def is_symmetric(self) -> bool:
+        """The layout the weights get: ``symmetric`` or the method's own."""
+        return self.method == "rtn" if self.symmetric is None else self.symmetric
+
+    def recorded(self) -> dict[str, Any]:
+        """What the manifest records: the options with the layout resolved (and the lm_head
+        the method implies), so a reader need not know the methods' defaults."""
+        lm_head = "int8" if self.method in KEEPS_LM_HEAD_INT8 else self.lm_head
+        return {**asdict(self), "symmetric": self.is_symmetric, "lm_head": lm_head}
 
     def builder_options(self) -> list[str]:
         """The builder's KEY=VALUE extra options for these choices."""
         options = [f"block_size={self.block_size}", f"accuracy_level={self.accuracy_level}"]
+        if self.method != "rtn":  # rtn is the builder's "default" quantizer: no algo_config
+            options.append(f"algo_config={self.method}")
+        elif not self.is_symmetric:
+            options.append("is_symmetric=false")
         if self.lm_head == "int8":
             options.append("matmul_mixed_precision=last_matmul:int8")
         elif self.lm_head == "fp32":
@@ -192,6 +234,8 @@ def export(
         from phi3edge import adapters as lora
 
         lora.check_before_export(adapters, member.id, config)
+    if precision == "int4":
+        _check_k_quant_blocks(int4, config)
     experts_note = f", experts {moe_experts}" if is_moe else ""
     say(f"exporting {member.id} from {source_dir} to {precision} ONNX{experts_note}")
 
@@ -205,7 +249,7 @@ def export(
             catalog_id=member.id,
             hf_id=member.hf_id,
             precision=precision,
-            int4=asdict(int4) if precision == "int4" else None,
+            int4=int4.recorded() if precision == "int4" else None,
             context_length=int(config["max_position_embeddings"]),
             accepts_system_role=member.accepts_system_role,
             source=str(source),
@@ -218,6 +262,22 @@ def export(
             lora.add(staging, name, peft_dir, say)
     say(f"done in {time.monotonic() - started:.1f} s: {out}")
     return out
+
+
+def _check_k_quant_blocks(int4: Int4Options, config: dict[str, Any]) -> None:
+    """k-quant's packer (onnxruntime's neural_compressor ``make_matmul_weight_only_node``) packs
+    two 4-bit zero points per byte across rows, so it fails on a MatMul whose row has an odd
+    number of blocks: refuse that before the export starts instead of with a reshape error."""
+    if int4.method == "rtn":
+        return
+    for name in ("hidden_size", "intermediate_size"):
+        size = config.get(name)
+        if isinstance(size, int) and -(-size // int4.block_size) % 2:
+            raise ExportError(
+                f"quant method {int4.method} needs an even number of blocks per row, but "
+                f"{name} {size} / block size {int4.block_size} gives "
+                f"{-(-size // int4.block_size)}; use another block size or quant method rtn"
+            )
 
 
 @contextlib.contextmanager

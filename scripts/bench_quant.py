@@ -1,13 +1,18 @@
 """INT4 export options for CPU, measured on full-size random Phi-3-mini-4k: speed, size, accuracy.
 
 Usage: python scripts/bench_quant.py [--threads 2] [--repeats 3] [--keep] [--out results/]
+                                     [--configs default,k_quant,...] [--layers N] [--long 2000]
 
-For each option set (block size 32/64/128, accuracy level 4 vs 1, int8 lm_head, int4 embeddings)
-it exports the same full-size random checkpoint, then measures prefill tok/s (128-token prompt),
-decode tok/s (32 tokens, greedy), the ONNX weight file size, and the cosine between the INT4
-model's logits and transformers' float32 model at every position of a 64-token prompt.
+For each option set (quantization method RTN / k-quant / k-quant with int8 lm_head / k-quant mixed
+like llama.cpp's Q4_K_M, symmetric vs asymmetric RTN, block size 32/64/128, accuracy level 4 vs 1,
+int8 lm_head, int4 embeddings) it exports the same random checkpoint, then measures prefill tok/s
+(128-token prompt), decode tok/s (32 tokens, greedy) after that prompt and after a --long-token
+one (the KV cache, float32 on CPU, is what each step reads most at long contexts), the ONNX weight
+file size, and the cosine between the INT4 model's logits and transformers' float32 model at every
+position of a 64-token prompt. ``--configs`` runs a subset by name (``--list`` prints them);
+``--layers 2`` keeps the full width with 2 layers, to check the script end to end quickly.
 The default of ``phi3edge export`` is picked from this table (see README).
-Needs about 16 GB of RAM while the float32 reference runs; run nothing else meanwhile.
+Needs about 16 GB of RAM while the full-size float32 reference runs; run nothing else meanwhile.
 """
 
 from __future__ import annotations
@@ -25,22 +30,45 @@ from phi3edge.benchmark import NO_END, prompt_ids, time_generation
 from phi3edge.cli import cache_dir
 from phi3edge.schema import SamplingConfig
 
-CONFIGS: list[tuple[str, dict[str, int | str]]] = [
-    ("block 32, accuracy 4 (default)", {}),
-    ("block 64", {"block_size": 64}),
-    ("block 128", {"block_size": 128}),
-    ("accuracy level 1 (fp32 activations)", {"accuracy_level": 1}),
-    ("int8 lm_head", {"lm_head": "int8"}),
-    ("int4 embeddings", {"embeddings": "int4"}),
-]
+# name (for --configs) -> (label in the table, export.Int4Options keyword arguments)
+CONFIGS: dict[str, tuple[str, dict[str, int | str | bool]]] = {
+    "default": ("block 32, accuracy 4, RTN symmetric (default)", {}),
+    "block64": ("block 64", {"block_size": 64}),
+    "block128": ("block 128", {"block_size": 128}),
+    "accuracy1": ("accuracy level 1 (fp32 activations)", {"accuracy_level": 1}),
+    "lm_head_int8": ("int8 lm_head", {"lm_head": "int8"}),
+    "embeddings_int4": ("int4 embeddings", {"embeddings": "int4"}),
+    "asymmetric": ("RTN asymmetric (zero points)", {"symmetric": False}),
+    "k_quant": ("k_quant", {"method": "k_quant"}),
+    "k_quant_last": ("k_quant_last (int8 lm_head)", {"method": "k_quant_last"}),
+    "k_quant_mixed": (
+        "k_quant_mixed (int8 lm_head + Q4_K_M's layers)",
+        {"method": "k_quant_mixed"},
+    ),
+    "k_quant_mixed_block64": (
+        "k_quant_mixed, block 64",
+        {"method": "k_quant_mixed", "block_size": 64},
+    ),
+    "k_quant_mixed_block128": (
+        "k_quant_mixed, block 128",
+        {"method": "k_quant_mixed", "block_size": 128},
+    ),
+    "k_quant_block128": ("k_quant, block 128", {"method": "k_quant", "block_size": 128}),
+}
 
 
-def reference_logits(ids: np.ndarray) -> np.ndarray:
-    """transformers' float32 Phi3ForCausalLM on the full-size random checkpoint."""
+def checkpoint_dir(layers: int | None) -> Path:
+    """The random checkpoint ``benchlib.full_model`` builds (full size, or ``layers`` deep)."""
+    depth = f"-{layers}layers" if layers else ""
+    return cache_dir() / "bench" / f"full-phi-3-mini-4k{depth}-random"
+
+
+def reference_logits(ids: np.ndarray, layers: int | None = None) -> np.ndarray:
+    """transformers' float32 Phi3ForCausalLM on the random checkpoint (full size by default)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    checkpoint = cache_dir() / "bench" / "full-phi-3-mini-4k-random"
+    checkpoint = checkpoint_dir(layers)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = model(torch.from_numpy(ids)).logits[0].numpy()
@@ -65,35 +93,80 @@ def onnx_logits(folder: Path, ids: np.ndarray, threads: int) -> np.ndarray:
     return session.run(["logits"], feeds)[0][0]
 
 
+def chosen_configs(names: str | None) -> list[str]:
+    """The --configs names, checked (all of them when None)."""
+    if not names:
+        return list(CONFIGS)
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(
+            f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(CONFIGS)}"
+        )
+    return chosen
+
+
+def decode_rate(model: runtime.LoadedModel, length: int, repeats: int) -> tuple[float, float]:
+    """Median (prefill tok/s, decode tok/s) of 32 greedy tokens after a ``length``-token prompt."""
+    greedy = SamplingConfig(temperature=0, logit_bias=NO_END)
+    prompt = prompt_ids(length)
+    runs = [time_generation(model, prompt, 32, greedy) for _ in range(repeats)]
+    return (
+        float(np.median([r.prefill_tok_s for r in runs])),
+        float(np.median([r.decode_tok_s for r in runs])),
+    )
+
+
 def main() -> None:
     parser = bench_arguments(__doc__)
     parser.add_argument("--keep", action="store_true", help="keep every export (2.7 GB each)")
+    parser.add_argument("--configs", help="comma-separated config names (default: all)")
+    parser.add_argument("--list", action="store_true", help="print the config names and exit")
+    parser.add_argument(
+        "--layers", type=int, help="full width with this many layers (a quick end-to-end check)"
+    )
+    parser.add_argument(
+        "--long", type=int, default=2000, help="context of the long decode figure (0: skip it)"
+    )
     args = parser.parse_args()
+    if args.list:
+        for name, (label, options) in CONFIGS.items():
+            print(f"{name:24} {label}  {options}")
+        return
+    names = chosen_configs(args.configs)
+    if args.layers is not None and args.layers < 1:
+        raise SystemExit(f"--layers must be at least 1, not {args.layers}")
+    if args.long < 0 or args.long > 4000:
+        raise SystemExit(
+            f"--long must be 0..4000 (Phi-3-mini-4k's context less 96), not {args.long}"
+        )
 
-    full_model()  # makes sure the checkpoint exists before the reference needs it
+    full_model(layers=args.layers)  # makes sure the checkpoint exists before the reference
     ids = np.array([prompt_ids(64, seed=9)], dtype=np.int64)
     print("float32 reference logits (transformers) ...", flush=True)
-    reference = reference_logits(ids)
-    greedy = SamplingConfig(temperature=0, logit_bias=NO_END)
+    reference = reference_logits(ids, args.layers)
     rows, results = [], []
-    for name, options in CONFIGS:
-        folder = full_model(**options)
+    for number, name in enumerate(names, 1):
+        label, options = CONFIGS[name]
+        print(f"[{number}/{len(names)}] {name}: {label}", flush=True)
+        folder = full_model(layers=args.layers, **options)
         ours = onnx_logits(folder, ids, args.threads)
         cosine = (ours * reference).sum(-1) / (
             np.linalg.norm(ours, axis=-1) * np.linalg.norm(reference, axis=-1)
         )
         model = runtime.load(folder, threads=args.threads)
-        prompt = prompt_ids(128)
-        runs = [time_generation(model, prompt, 32, greedy) for _ in range(args.repeats)]
-        prefill = float(np.median([r.prefill_tok_s for r in runs]))
-        decode = float(np.median([r.decode_tok_s for r in runs]))
+        prefill, decode = decode_rate(model, 128, args.repeats)
+        decode_long = decode_rate(model, args.long, args.repeats)[1] if args.long else None
         size_gb = (folder / "model.onnx.data").stat().st_size / 1e9
         results.append(
             {
                 "config": name,
+                "label": label,
                 "options": options,
                 "prefill_tok_s": prefill,
                 "decode_tok_s": decode,
+                "decode_long_context": args.long,
+                "decode_long_tok_s": decode_long,
                 "weights_gb": size_gb,
                 "cosine_min": float(cosine.min()),
                 "cosine_mean": float(cosine.mean()),
@@ -101,9 +174,10 @@ def main() -> None:
         )
         rows.append(
             [
-                name,
+                label,
                 f"{prefill:.1f}",
                 f"{decode:.2f}",
+                f"{decode_long:.2f}" if decode_long is not None else "-",
                 f"{size_gb:.2f}",
                 f"{cosine.min():.4f}",
                 f"{cosine.mean():.4f}",
@@ -114,13 +188,22 @@ def main() -> None:
         gc.collect()
         if options and not args.keep:
             shutil.rmtree(folder)
+    depth = f"{args.layers} layers (full width)" if args.layers else "full-size"
     print(
-        f"\nINT4 export options, full-size random Phi-3-mini-4k, {args.threads} threads, "
+        f"\nINT4 export options, {depth} random Phi-3-mini-4k, {args.threads} threads, "
         f"medians of {args.repeats}; {machine()}"
     )
     print(
         table(
-            ["options", "prefill tok/s", "decode tok/s", "weights GB", "cosine min", "cosine mean"],
+            [
+                "options",
+                "prefill tok/s",
+                "decode tok/s (128 ctx)",
+                f"decode tok/s ({args.long} ctx)",
+                "weights GB",
+                "cosine min",
+                "cosine mean",
+            ],
             rows,
         )
     )

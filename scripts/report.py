@@ -44,26 +44,18 @@ def engine_table(engine: dict[str, float]) -> str:
 
 
 def quant_table(quant: list[dict]) -> str:
-    rows = [
-        [
-            q["config"],
-            f"{q['prefill_tok_s']:.1f}",
-            f"{q['decode_tok_s']:.2f}",
-            f"{q['weights_gb']:.2f}",
-            f"{q['cosine_min']:.3f}",
-            f"{q['cosine_mean']:.3f}",
-        ]
-        for q in quant
-    ]
+    """bench_quant.py's rows (the long-context decode column when the run measured it)."""
+    long = next((q["decode_long_context"] for q in quant if q.get("decode_long_tok_s")), None)
+    rows = []
+    for q in quant:
+        row = [q.get("label", q["config"]), f"{q['prefill_tok_s']:.1f}", f"{q['decode_tok_s']:.2f}"]
+        if long:
+            row.append(f"{q['decode_long_tok_s']:.2f}" if q.get("decode_long_tok_s") else "-")
+        row += [f"{q['weights_gb']:.2f}", f"{q['cosine_min']:.3f}", f"{q['cosine_mean']:.3f}"]
+        rows.append(row)
+    decode = ["decode tok/s (128 ctx)", f"decode tok/s ({long} ctx)"] if long else ["decode tok/s"]
     return table(
-        [
-            "INT4 options",
-            "prefill tok/s",
-            "decode tok/s",
-            "weights GB",
-            "cosine min",
-            "cosine mean",
-        ],
+        ["INT4 options", "prefill tok/s", *decode, "weights GB", "cosine min", "cosine mean"],
         rows,
     )
 
@@ -109,7 +101,7 @@ def plot(engine: dict[str, float], quant: list[dict], path: Path) -> None:
     ax.legend(fontsize=8)
     if quant:
         ax = axes[0][1]
-        names = [q["config"].split(" (")[0] for q in quant]
+        names = [q.get("label", q["config"]).split(" (")[0] for q in quant]
         ax.barh(names, [q["decode_tok_s"] for q in quant])
         ax.set_xlabel("decode tokens/s")
         ax.set_title("INT4 export options")

@@ -26,6 +26,8 @@ def test_manifest_records_the_export(tiny_int4: Path, model_factory: Callable) -
         "accuracy_level": 4,
         "lm_head": "int4",
         "embeddings": "fp32",
+        "method": "rtn",
+        "symmetric": True,
     }
     assert manifest.context_length == 2048
     assert manifest.accepts_system_role is False
@@ -174,12 +176,29 @@ def _assert_same_files(a: Path, b: Path) -> None:
 
 
 MIXED = export.Int4Options(lm_head="int8", embeddings="int4")
+K_QUANT_MIXED = export.Int4Options(method="k_quant_mixed", embeddings="int4", block_size=16)
 
 
 @pytest.mark.parametrize(
     ("precision", "int4"),
-    [("int4", None), ("int4", MIXED), ("fp32", None)],
-    ids=["int4", "int4-lm_head-int8-embeddings-int4", "fp32"],
+    [
+        ("int4", None),
+        ("int4", MIXED),
+        ("int4", export.Int4Options(symmetric=False)),
+        ("int4", export.Int4Options(method="k_quant")),
+        ("int4", export.Int4Options(method="k_quant_last")),
+        ("int4", K_QUANT_MIXED),
+        ("fp32", None),
+    ],
+    ids=[
+        "int4",
+        "int4-lm_head-int8-embeddings-int4",
+        "int4-asymmetric",
+        "k_quant",
+        "k_quant_last",
+        "k_quant_mixed-embeddings-int4-block16",
+        "fp32",
+    ],
 )
 def test_streaming_export_is_byte_identical_to_the_stock_builder(
     tmp_path: Path, model_factory: Callable[..., Path], precision: str, int4: Any

@@ -1,0 +1,95 @@
+"""float32 vs int8 KV cache on CPU (onnxruntime-genai's ``kv_cache_quant_scheme``), side by side.
+
+Usage: python scripts/bench_kv_cache.py [--threads 2] [--repeats 3] [--contexts 128,2000]
+
+On the mid-size random Phi-3-mini (hidden 1024, 8 layers, V = 32064; ``bench_adapters.mid_model``)
+exports the builder's int8 per-tensor KV cache beside the plain INT4 export and times raw
+onnxruntime-genai (prefill of the context, then 48 greedy steps) on each at each context length.
+The builder needs calibrated per-layer KV scales (``kv_cache_scale_file``); this script writes a
+fixed scale (speed does not depend on it), so it measures speed only: the option is not offered
+by ``phi3edge export`` until the scales come from a calibration run (README, quantization).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime_genai as og
+from bench_adapters import mid_model
+from benchlib import bench_arguments, machine, table
+
+from phi3edge import export
+
+DECODE = 48
+
+
+def int8_kv_export(checkpoint: Path) -> Path:
+    """The mid-size checkpoint exported by the stock builder with an int8 per-tensor KV cache."""
+    out = checkpoint.with_name(checkpoint.name + "-int4-kv-int8")
+    if (out / "model.onnx").exists():
+        return out
+    layers = json.loads((checkpoint / "config.json").read_text())["num_hidden_layers"]
+    scales = checkpoint.with_name(checkpoint.name + "-kv-scales.json")
+    fixed = {"k_scales": [0.05] * layers, "v_scales": [0.05] * layers}
+    scales.write_text(json.dumps({"scales": fixed, "qmax": 128}))
+    print(f"exporting {out} (int8 KV cache) ...", flush=True)
+    builder = export.load_builder()
+    options = ["kv_cache_quant_scheme=int8_per_tensor", f"kv_cache_scale_file={scales}"]
+    cache = str(out.with_name(out.name + "-cache"))
+    extra = builder.parse_extra_options(
+        None, str(checkpoint), str(out), "int4", "cpu", cache, options
+    )
+    builder.create_model(None, str(checkpoint), str(out), "int4", "cpu", cache, **extra)
+    return out
+
+
+def run(folder: Path, context: int, threads: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of one raw onnxruntime-genai greedy run."""
+    config = og.Config(str(folder))
+    session = {"intra_op_num_threads": threads}
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
+    model = og.Model(config)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=context + DECODE + 8, do_sample=False)
+    generator = og.Generator(model, params)
+    ids = np.random.default_rng(0).integers(300, 32000, size=context).astype(np.int32)
+    started = time.perf_counter()
+    generator.append_tokens(ids)
+    prefill = context / (time.perf_counter() - started)
+    started = time.perf_counter()
+    for _ in range(DECODE):
+        generator.generate_next_token()
+    return prefill, DECODE / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = bench_arguments(__doc__)
+    parser.add_argument("--contexts", default="128,2000", help="comma-separated context lengths")
+    args = parser.parse_args()
+    contexts = [int(c) for c in args.contexts.split(",")]
+    if any(c < 1 or c > 4000 for c in contexts):
+        raise SystemExit(f"--contexts must be 1..4000, not {args.contexts}")
+    checkpoint, plain = mid_model()
+    folders = {"float32 KV (default)": plain, "int8 KV, per tensor": int8_kv_export(checkpoint)}
+    rows, results = [], []
+    for context in contexts:
+        for name, folder in folders.items():
+            runs = [run(folder, context, args.threads) for _ in range(args.repeats)]
+            prefill = float(np.median([r[0] for r in runs]))
+            decode = float(np.median([r[1] for r in runs]))
+            results.append({"kv_cache": name, "context": context, "prefill_tok_s": prefill,
+                            "decode_tok_s": decode})  # fmt: skip
+            rows.append([name, context, f"{prefill:.1f}", f"{decode:.2f}"])
+            print(rows[-1], flush=True)
+    print(f"\nKV cache type, mid-size random Phi-3-mini, {args.threads} threads, "
+          f"medians of {args.repeats}; {machine()}")  # fmt: skip
+    print(table(["KV cache", "context", "prefill tok/s", "decode tok/s"], rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_kv_cache.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
