@@ -767,20 +767,36 @@ double row_nucleus(Workspace& ws, std::int64_t vocab, float max, float scale, do
     float lo = std::max(extreme_of<false>(x, vocab), max - 127.0F / scale);
     float hi = std::nextafter(max, kInf);
     double above = 0.0;           // weight of the tokens at or above hi
+    double from_lo = mass;        // weight of the tokens at or above lo
     std::int64_t inside = vocab;  // tokens in [lo, hi), at most
+    // The cut interpolates where the weight above reaches target (regula falsi, with the Illinois
+    // rule: an end kept twice in a row counts half as far from target), kept off the ends by a
+    // sixteenth of the interval, so the interval shrinks at least that much every round.
+    double slack_lo = from_lo - target;  // > 0 (>= 0 at worst)
+    double slack_hi = target - above;    // > 0
+    int kept_end = 0;                    // +1: lo moved last round, -1: hi moved
     while (inside > kBoundaryTokens) {
-        const float mid = lo + (hi - lo) * 0.5F;
-        if (!(mid > lo && mid < hi)) {
-            break;  // adjacent floats: what remains are ties
+        const float width = hi - lo;
+        const auto share = static_cast<float>(slack_lo / (slack_lo + slack_hi));
+        const float cut = std::clamp(lo + width * share, lo + width / 16.0F, hi - width / 16.0F);
+        if (!(cut > lo && cut < hi)) {
+            break;  // a few floats apart: what remains are (near) ties
         }
-        const auto [upper_mass, upper_count] = slice_of<false>(x, w, vocab, mid, hi, nullptr);
+        const auto [upper_mass, upper_count] = slice_of<false>(x, w, vocab, cut, hi, nullptr);
         if (above + upper_mass >= target) {
-            lo = mid;
+            lo = cut;
+            from_lo = above + upper_mass;
             inside = upper_count;
+            slack_lo = from_lo - target;
+            slack_hi = kept_end == 1 ? slack_hi * 0.5 : target - above;
+            kept_end = 1;
         } else {
             above += upper_mass;
-            hi = mid;
+            hi = cut;
             inside -= upper_count;
+            slack_hi = target - above;
+            slack_lo = kept_end == -1 ? slack_lo * 0.5 : from_lo - target;
+            kept_end = -1;
         }
     }
     std::int32_t* column_count = ws.column_count.data();

@@ -35,8 +35,9 @@ prompt, from which the speedup at any acceptance rate can be read off.
 --sections overhead: our per-token overhead where a step is short, on the mid-size random Phi-3-mini
 (hidden 1024, 8 layers, V = 32064; built once and cached): raw onnxruntime-genai's greedy loop
 against our engine with every sampling feature on and with none (greedy, only the end tokens
-banned so every run makes the same count), 128-token prompt, 128 new tokens, runs alternating,
-ratios as medians of per-round ratios; then one traced run of each, splitting a step into the
+banned so every run makes the same count), 128-token prompt, 256 new tokens, runs alternating,
+ratios as medians of per-round ratios (with their range: a shared VM drifts by several percent);
+then one traced run of each, splitting a step into the
 model call, onnxruntime-genai's other calls, our sampling kernel and the rest of our loop.
 
 --sections structured [--model DIR]: decode tok/s of our engine with every sampling feature on,
@@ -422,7 +423,7 @@ def overhead(args: argparse.Namespace, results: dict[str, float]) -> None:
     """Decode of our engine against raw onnxruntime-genai on the mid-size model (see --help)."""
     _, folder = mid_model()
     model = runtime.load(folder, threads=args.threads)
-    ids, new = prompt_ids(128), 128
+    ids, new = prompt_ids(128), 256
     none = SamplingConfig(temperature=0, logit_bias=NO_END)
     configs = {"every feature": ALL_FEATURES, "none": none}
     rates: dict[str, list[float]] = {"raw": [], **{name: [] for name in configs}}
@@ -433,14 +434,21 @@ def overhead(args: argparse.Namespace, results: dict[str, float]) -> None:
             rates[name].append(ours(model, ids, new, cfg)[1])
     rows = [["raw onnxruntime-genai", f"{np.median(rates['raw']):.1f}", "1", "", "", "", ""]]
     for name, cfg in configs.items():
-        ratio = float(np.median(np.array(rates[name]) / np.array(rates["raw"])))
+        ratios = np.array(rates[name]) / np.array(rates["raw"])
+        ratio = float(np.median(ratios))
         parts = _traced_step(model, ids, new, cfg)
         key = "all" if cfg is ALL_FEATURES else "none"
         results[f"overhead_{key}_decode"] = float(np.median(rates[name]))
         results[f"overhead_{key}_ratio"] = ratio
+        results[f"overhead_{key}_ratio_min"] = float(ratios.min())
+        results[f"overhead_{key}_ratio_max"] = float(ratios.max())
         results.update({f"overhead_{key}_{k}": v for k, v in parts.items()})
         rows.append(
-            [f"ours, {name}", f"{np.median(rates[name]):.1f}", f"{ratio:.3f}"]
+            [
+                f"ours, {name}",
+                f"{np.median(rates[name]):.1f}",
+                f"{ratio:.3f} ({ratios.min():.2f}-{ratios.max():.2f})",
+            ]
             + [f"{parts[k]:.3f}" for k in ("model_call_ms", "other_og_calls_ms", "kernel_ms")]
             + [f"{parts['rest_of_loop_ms']:.3f}"]
         )

@@ -2,7 +2,7 @@
 
 Usage: python scripts/bench_kv_cache.py [--threads 2] [--repeats 3] [--contexts 128,2000]
 
-On the mid-size random Phi-3-mini (hidden 1024, 8 layers, V = 32064; ``bench_adapters.mid_model``)
+On the mid-size random Phi-3-mini (hidden 1024, 8 layers, V = 32064; ``benchlib.mid_model``)
 exports the builder's int8 per-tensor KV cache beside the plain INT4 export and times raw
 onnxruntime-genai (prefill of the context, then 48 greedy steps) on each at each context length.
 The builder needs calibrated per-layer KV scales (``kv_cache_scale_file``); this script writes a
@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime_genai as og
-from bench_adapters import mid_model
-from benchlib import bench_arguments, machine, table
+from benchlib import bench_arguments, machine, mid_model, table
 
 from phi3edge import export
 
