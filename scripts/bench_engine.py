@@ -32,14 +32,6 @@ onnxruntime-genai's own loop with the same grammar, with and without its n-gram 
 (a); and the verify cost curve: the time of one k-token append (k = 1..8) after a 128-token
 prompt, from which the speedup at any acceptance rate can be read off.
 
---sections overhead: our per-token overhead where a step is short, on the mid-size random Phi-3-mini
-(hidden 1024, 8 layers, V = 32064; built once and cached): raw onnxruntime-genai's greedy loop
-against our engine with every sampling feature on and with none (greedy, only the end tokens
-banned so every run makes the same count), 128-token prompt, 256 new tokens, runs alternating,
-ratios as medians of per-round ratios (with their range: a shared VM drifts by several percent);
-then one traced run of each, splitting a step into the
-model call, onnxruntime-genai's other calls, our sampling kernel and the rest of our loop.
-
 --sections structured [--model DIR]: decode tok/s of our engine with every sampling feature on,
 without and with a JSON schema (response_format json_schema: an array of at least 100 objects
 with bounded strings, a pattern, an enum array and an integer range, so the answer cannot close
@@ -66,7 +58,6 @@ from benchlib import (
     full_model,
     machine,
     median_time,
-    mid_model,
     table,
 )
 
@@ -219,16 +210,7 @@ def main() -> None:
     parser.add_argument(
         "--sections",
         default="all",
-        choices=[
-            "all",
-            "engine",
-            "concurrency",
-            "moe",
-            "speed",
-            "structured",
-            "speculative",
-            "overhead",
-        ],
+        choices=["all", "engine", "concurrency", "moe", "speed", "structured", "speculative"],
         help="what to run (all = engine + concurrency)",
     )
     parser.add_argument(
@@ -246,7 +228,7 @@ def main() -> None:
         help="an exported model for --sections structured (default: full mini)",
     )
     args = parser.parse_args()
-    own_model = ("moe", "speed", "structured", "speculative", "overhead")
+    own_model = ("moe", "speed", "structured", "speculative")
     folder = full_model() if args.sections not in own_model else Path()
     out = args.out / "bench_engine.json"
     results: dict[str, float] = json.loads(out.read_text()) if out.exists() else {}
@@ -263,8 +245,6 @@ def main() -> None:
         structured_decode(args, results)
     if args.sections == "speculative":
         speculative_decode(args, results)
-    if args.sections == "overhead":
-        overhead(args, results)
     print(f"machine: {machine()}")
     args.out.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
@@ -357,116 +337,6 @@ def engine_sections(folder: Path, args: argparse.Namespace, results: dict[str, f
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
     results["peak_rss_gb"] = peak_gb
     print(f"peak RSS of this process: {peak_gb:.2f} GB")
-
-
-class _Traced:
-    """A generator whose onnxruntime-genai calls are timed by name (seconds in ``spent``)."""
-
-    def __init__(self, generator: Any, spent: dict[str, float]) -> None:
-        self._generator, self._spent = generator, spent
-
-    def __getattr__(self, name: str) -> Any:
-        call = getattr(self._generator, name)
-
-        def timed(*args: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return call(*args)
-            finally:
-                self._spent[name] = self._spent.get(name, 0.0) + time.perf_counter() - started
-
-        return timed
-
-
-def _traced_step(model: runtime.LoadedModel, ids: list[int], new: int, cfg: SamplingConfig):
-    """Milliseconds per decode step of one run of our engine, by part: the call that runs the
-    model, onnxruntime-genai's other calls, our kernel and the rest of our loop."""
-    from phi3edge import _sampling
-
-    spent: dict[str, float] = {}
-    make, kernel = engine._new_generator, _sampling.sample
-
-    def sample(*args: Any) -> Any:
-        started = time.perf_counter()
-        try:
-            return kernel(*args)
-        finally:
-            spent["kernel"] = spent.get("kernel", 0.0) + time.perf_counter() - started
-
-    engine._new_generator = lambda *a, **k: _Traced(make(*a, **k), spent)
-    engine._sampling.sample = sample
-    try:
-        first, at_first = 0.0, {}
-        for steps in engine.generate(model, Prompt(ids, new), cfg):
-            if steps and not first:
-                first, at_first = time.perf_counter(), dict(spent)
-        end = time.perf_counter()
-    finally:
-        engine._new_generator, engine._sampling.sample = make, kernel
-    per_step = {k: (v - at_first.get(k, 0.0)) / (new - 1) * 1e3 for k, v in spent.items()}
-    total = (end - first) / (new - 1) * 1e3
-    # one token per step: appended (one row), or forced logits then generate_next_token (batches)
-    runs_model = "append_tokens" if per_step.get("append_tokens", 0.0) else "get_logits"
-    model_ms = per_step.pop(runs_model, 0.0)
-    kernel_ms = per_step.pop("kernel", 0.0)
-    other_og = sum(per_step.values())
-    return {
-        "step_ms": total,
-        "model_call_ms": model_ms,
-        "other_og_calls_ms": other_og,
-        "kernel_ms": kernel_ms,
-        "rest_of_loop_ms": total - model_ms - other_og - kernel_ms,
-    }
-
-
-def overhead(args: argparse.Namespace, results: dict[str, float]) -> None:
-    """Decode of our engine against raw onnxruntime-genai on the mid-size model (see --help)."""
-    _, folder = mid_model()
-    model = runtime.load(folder, threads=args.threads)
-    ids, new = prompt_ids(128), 256
-    none = SamplingConfig(temperature=0, logit_bias=NO_END)
-    configs = {"every feature": ALL_FEATURES, "none": none}
-    rates: dict[str, list[float]] = {"raw": [], **{name: [] for name in configs}}
-    raw_og(model, ids, 8), ours(model, ids, 8, none)  # warm up
-    for _ in range(args.repeats):
-        rates["raw"].append(raw_og(model, ids, new)[1])
-        for name, cfg in configs.items():
-            rates[name].append(ours(model, ids, new, cfg)[1])
-    rows = [["raw onnxruntime-genai", f"{np.median(rates['raw']):.1f}", "1", "", "", "", ""]]
-    for name, cfg in configs.items():
-        ratios = np.array(rates[name]) / np.array(rates["raw"])
-        ratio = float(np.median(ratios))
-        parts = _traced_step(model, ids, new, cfg)
-        key = "all" if cfg is ALL_FEATURES else "none"
-        results[f"overhead_{key}_decode"] = float(np.median(rates[name]))
-        results[f"overhead_{key}_ratio"] = ratio
-        results[f"overhead_{key}_ratio_min"] = float(ratios.min())
-        results[f"overhead_{key}_ratio_max"] = float(ratios.max())
-        results.update({f"overhead_{key}_{k}": v for k, v in parts.items()})
-        rows.append(
-            [
-                f"ours, {name}",
-                f"{np.median(rates[name]):.1f}",
-                f"{ratio:.3f} ({ratios.min():.2f}-{ratios.max():.2f})",
-            ]
-            + [f"{parts[k]:.3f}" for k in ("model_call_ms", "other_og_calls_ms", "kernel_ms")]
-            + [f"{parts['rest_of_loop_ms']:.3f}"]
-        )
-    results["overhead_raw_decode"] = float(np.median(rates["raw"]))
-    headers = [
-        "decode",
-        "tok/s",
-        "ours/raw",
-        "model call ms",
-        "other og ms",
-        "kernel ms",
-        "rest ms",
-    ]
-    print(
-        f"\nmid-size random Phi-3-mini INT4 ({folder.name}), 128-token prompt, {new} new tokens, "
-        f"{args.threads} threads, medians of {args.repeats}; per-step parts from one traced run"
-    )
-    print(table(headers, rows))
 
 
 def member_speed(args: argparse.Namespace, results: dict[str, float]) -> None:

@@ -1,6 +1,7 @@
 """phi3edge vs llama.cpp on the same random Phi-3-mini-4k weights, side by side in one run.
 
 Usage: python scripts/bench_llamacpp.py [--threads 2] [--repeats 3] [--out results/]
+                                        [--configs default,block128,...]
 
 Needs llama-cpp-python, which has no wheel on PyPI for this platform; built from source with
 ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
@@ -8,7 +9,8 @@ Needs llama-cpp-python, which has no wheel on PyPI for this platform; built from
 (a native build enables ggml's AMX kernels, which crash on this VM), and the GGUF files made by
 ``scripts/gguf_from_checkpoint.py CHECKPOINT F16.gguf --quantize q4_0 q4_k_m``.
 Measures prefill tok/s (128-token prompt) and decode tok/s (64 tokens) for:
-  - phi3edge (all sampling features on) on the default INT4 export (block 32) and on block 128;
+  - phi3edge (all sampling features on) on INT4 exports named as in scripts/bench_quant.py
+    (``--configs``; default: the default export and block 128);
   - llama.cpp Q4_0 and Q4_K_M (``Llama.eval`` on the same token ids, greedy next token).
 Each figure is the median of --repeats runs; models are loaded one at a time. The cosine column
 compares each runtime's logits with transformers' float32 model at every position of a 64-token
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_engine import ALL_FEATURES
-from bench_quant import onnx_logits, reference_logits
+from bench_quant import CONFIGS, chosen_configs, onnx_logits, reference_logits
 from benchlib import bench_arguments, full_model, machine, table
 
 from phi3edge import runtime
@@ -92,16 +94,19 @@ def ours_run(folder: Path, threads: int, ids: list[int], repeats: int) -> tuple[
 
 def main() -> None:
     parser = bench_arguments(__doc__)
+    parser.add_argument(
+        "--configs", default="default,block128", help="phi3edge layouts (bench_quant.py --list)"
+    )
     args = parser.parse_args()
+    names = chosen_configs(args.configs)
     ids = prompt_ids(PROMPT)
     accuracy_ids = prompt_ids(64, seed=9)
     reference = reference_logits(np.array([accuracy_ids], dtype=np.int64))
     gguf = cache_dir() / "bench" / "full-phi-3-mini-4k-random-f16"
     results: dict[str, tuple[float, float, float]] = {}
-    for name, folder in [
-        ("phi3edge INT4 block 32 (default)", full_model()),
-        ("phi3edge INT4 block 128", full_model(block_size=128)),
-    ]:
+    for config in names:
+        label, options = CONFIGS[config]
+        name, folder = f"phi3edge INT4 {label}", full_model(**options)
         logits = onnx_logits(folder, np.array([accuracy_ids], dtype=np.int64), args.threads)
         results[name] = (
             *ours_run(folder, args.threads, ids, args.repeats),

@@ -1,0 +1,248 @@
+"""Our per-token overhead against raw onnxruntime-genai where a model step is short (#12 part 3).
+
+Usage: python scripts/bench_overhead.py [--threads 2] [--repeats 3] [--new 256] [--out results/]
+                                        [--against PYTHON --processes 3]
+
+On the mid-size random Phi-3-mini (hidden 1024, 8 layers, V = 32064; ``benchlib.mid_model``,
+built once and cached), 128-token prompt, ``--new`` new tokens, runs alternating in one process:
+  - raw onnxruntime-genai's greedy ``generate_next_token`` loop;
+  - our engine (``engine.generate``) with every sampling feature on (10 logit_bias ids, presence +
+    frequency penalties, temperature 0.7, top_p 0.9, top_logprobs 20) and with none (greedy; only
+    the end tokens banned so every run makes the same count);
+  - decode tok/s, and per round our rate over raw's and our extra time per token; the medians.
+Then one traced run of each configuration splits a step into the call that runs the model,
+onnxruntime-genai's other calls, our sampling kernel and the rest of our loop.
+
+``--against PYTHON``: the same measurement with another installed phi3edge (an older commit
+installed into its own virtualenv), in ``--processes`` child processes per side started
+alternately, so that both see the same drift of a shared machine. It only uses interfaces both
+have (``runtime.load``, ``engine.generate``, ``benchmark.time_generation``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import bench_arguments, machine, mid_model, table  # noqa: E402
+
+import phi3edge  # noqa: E402
+from phi3edge import engine, runtime  # noqa: E402
+from phi3edge.benchmark import NO_END, prompt_ids, time_generation  # noqa: E402
+from phi3edge.prompt import Prompt  # noqa: E402
+from phi3edge.schema import SamplingConfig  # noqa: E402
+
+CONFIGS = {
+    "every feature": SamplingConfig(
+        temperature=0.7,
+        top_p=0.9,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        logit_bias={**NO_END, **{i: 1.0 for i in range(1000, 1007)}},
+        top_logprobs=20,
+        logprobs=True,
+        seed=1,
+    ),
+    "none": SamplingConfig(temperature=0, logit_bias=NO_END),
+}
+
+
+def raw_decode(model: runtime.LoadedModel, ids: list[int], new: int) -> float:
+    """onnxruntime-genai's own greedy loop: decode tok/s after the first token."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model.model)
+    total = len(ids) + new
+    params.set_search_options(max_length=total, batch_size=1, min_length=total)
+    generator = og.Generator(model.model, params)
+    generator.append_tokens(np.array([ids], dtype=np.int32))
+    generator.generate_next_token()
+    started = time.perf_counter()
+    while not generator.is_done():
+        generator.generate_next_token()
+    return (new - 1) / (time.perf_counter() - started)
+
+
+def rates(model: runtime.LoadedModel, ids: list[int], new: int, repeats: int) -> dict[str, list]:
+    """Decode tok/s of raw and of each configuration, ``repeats`` alternating rounds."""
+    raw_decode(model, ids, 8)  # warm up
+    out: dict[str, list[float]] = {"raw": [], **{name: [] for name in CONFIGS}}
+    for _ in range(repeats):
+        out["raw"].append(raw_decode(model, ids, new))
+        for name, cfg in CONFIGS.items():
+            out[name].append(time_generation(model, ids, new, cfg).decode_tok_s)
+    return out
+
+
+class _Traced:
+    """A generator whose onnxruntime-genai calls are timed by name (seconds in ``spent``)."""
+
+    def __init__(self, generator: Any, spent: dict[str, float]) -> None:
+        self._generator, self._spent = generator, spent
+
+    def __getattr__(self, name: str) -> Any:
+        call = getattr(self._generator, name)
+
+        def timed(*args: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return call(*args)
+            finally:
+                self._spent[name] = self._spent.get(name, 0.0) + time.perf_counter() - started
+
+        return timed
+
+
+def traced_step(
+    model: runtime.LoadedModel, ids: list[int], new: int, cfg: SamplingConfig
+) -> dict[str, float]:
+    """Milliseconds per decode step of one run of our engine, by part: the call that runs the
+    model, onnxruntime-genai's other calls, our kernel and the rest of our loop."""
+    spent: dict[str, float] = {}
+    make, kernel = engine._new_generator, engine._sampling.sample
+
+    def sample(*args: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return kernel(*args)
+        finally:
+            spent["kernel"] = spent.get("kernel", 0.0) + time.perf_counter() - started
+
+    engine._new_generator = lambda *a, **k: _Traced(make(*a, **k), spent)  # type: ignore[assignment]
+    engine._sampling.sample = sample  # type: ignore[assignment]
+    try:
+        first, at_first = 0.0, {}
+        for steps in engine.generate(model, Prompt(ids, new), cfg):
+            if steps and not first:
+                first, at_first = time.perf_counter(), dict(spent)
+        end = time.perf_counter()
+    finally:
+        engine._new_generator, engine._sampling.sample = make, kernel  # type: ignore[assignment]
+    per_step = {k: (v - at_first.get(k, 0.0)) / (new - 1) * 1e3 for k, v in spent.items()}
+    # one row runs the model in append_tokens; a forced-logits loop runs it in get_logits
+    runs_model = "append_tokens" if per_step.get("append_tokens", 0.0) else "get_logits"
+    parts = {
+        "model_call_ms": per_step.pop(runs_model, 0.0),
+        "kernel_ms": per_step.pop("kernel", 0.0),
+        "other_og_calls_ms": sum(per_step.values()),
+    }
+    parts["rest_of_loop_ms"] = (end - first) / (new - 1) * 1e3 - sum(parts.values())
+    return parts
+
+
+def summary(runs: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Per configuration: median tok/s, median and range of the per-round ratio to raw, and the
+    median extra milliseconds per token."""
+    raw = np.array(runs["raw"])
+    out = {"raw": {"tok_s": float(np.median(raw))}}
+    for name in CONFIGS:
+        ours = np.array(runs[name])
+        ratios = ours / raw
+        out[name] = {
+            "tok_s": float(np.median(ours)),
+            "ratio": float(np.median(ratios)),
+            "ratio_min": float(ratios.min()),
+            "ratio_max": float(ratios.max()),
+            "extra_ms_per_token": float(np.median(1e3 / ours - 1e3 / raw)),
+        }
+    return out
+
+
+def main() -> None:
+    parser = bench_arguments(__doc__ or "")
+    parser.add_argument("--new", type=int, default=256, help="new tokens per run")
+    parser.add_argument("--against", help="another Python with another phi3edge installed")
+    parser.add_argument("--processes", type=int, default=3, help="child processes per side")
+    parser.add_argument("--rounds-json", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    _, folder = mid_model()
+    if args.rounds_json:  # a child of --against: rounds only, as JSON
+        model = runtime.load(folder, threads=args.threads)
+        print(json.dumps(rates(model, prompt_ids(128), args.new, args.repeats)))
+        return
+    if args.against:
+        compare(args)
+        return
+    model = runtime.load(folder, threads=args.threads)
+    ids = prompt_ids(128)
+    result = summary(rates(model, ids, args.new, args.repeats))
+    for name, cfg in CONFIGS.items():
+        result[name].update(traced_step(model, ids, args.new, cfg))
+    rows = [["raw onnxruntime-genai", f"{result['raw']['tok_s']:.1f}", "1", "", "", "", "", ""]]
+    for name in CONFIGS:
+        r = result[name]
+        rows.append(
+            [
+                f"ours, {name}",
+                f"{r['tok_s']:.1f}",
+                f"{r['ratio']:.3f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})",
+                f"{r['extra_ms_per_token']:.3f}",
+            ]
+            + [
+                f"{r[k]:.3f}"
+                for k in ("model_call_ms", "other_og_calls_ms", "kernel_ms", "rest_of_loop_ms")
+            ]
+        )
+    print(
+        f"\nmid-size random Phi-3-mini INT4 ({folder.name}), 128-token prompt, {args.new} new "
+        f"tokens, {args.threads} threads, medians of {args.repeats} alternating rounds; "
+        f"per-step parts from one traced run; {machine()}"
+    )
+    headers = ["decode", "tok/s", "ours/raw (range)", "extra ms/token", "model call ms"]
+    headers += ["other og ms", "kernel ms", "rest ms"]
+    print(table(headers, rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_overhead.json").write_text(json.dumps(result, indent=2))
+
+
+def compare(args: Any) -> None:
+    """This phi3edge against the one ``args.against`` runs, in alternating child processes."""
+    outside = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    here = str(Path(phi3edge.__file__).resolve().parents[1])  # this phi3edge, wherever it is
+    sides = {
+        "this": (sys.executable, {**outside, "PYTHONPATH": here}),
+        "against": (args.against, outside),  # its own installed phi3edge
+    }
+    runs: dict[str, dict[str, list[float]]] = {side: {} for side in sides}
+    for _ in range(args.processes):
+        for side, (python, env) in sides.items():
+            command = [python, __file__, "--rounds-json", "--threads", str(args.threads)]
+            command += ["--repeats", str(args.repeats), "--new", str(args.new)]
+            out = subprocess.run(
+                command, check=True, capture_output=True, text=True, env=env
+            ).stdout
+            for name, values in json.loads(out.splitlines()[-1]).items():
+                runs[side].setdefault(name, []).extend(values)
+    result = {side: summary(r) for side, r in runs.items()}
+    rows = [
+        [
+            side,
+            name,
+            f"{r['ratio']:.3f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})",
+            f"{r['extra_ms_per_token']:.3f}",
+        ]
+        for side, by_name in result.items()
+        for name, r in by_name.items()
+        if name != "raw"
+    ]
+    print(
+        f"\n{args.processes} processes per side x {args.repeats} rounds, mid-size model, "
+        f"{args.new} new tokens; this = {sys.executable}, against = {args.against}; {machine()}"
+    )
+    print(table(["phi3edge", "sampling", "ours/raw (range)", "extra ms/token"], rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_overhead_compare.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
