@@ -52,6 +52,7 @@ from typing import Any
 import httpx
 import numpy as np
 from benchlib import (
+    ALL_FEATURES,
     JSON_ITEM_SCHEMA,
     Server,
     bench_arguments,
@@ -68,16 +69,6 @@ from phi3edge.prompt import Prompt
 from phi3edge.schema import SamplingConfig
 
 DECODE_TOKENS = 64
-ALL_FEATURES = SamplingConfig(
-    temperature=0.7,
-    top_p=0.9,
-    presence_penalty=0.5,
-    frequency_penalty=0.5,
-    logit_bias={**NO_END, **{i: 1.0 for i in range(1000, 1007)}},
-    top_logprobs=20,
-    logprobs=True,
-    seed=1,
-)
 
 
 def raw_og(

@@ -25,9 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_engine import ALL_FEATURES
 from bench_quant import CONFIGS, chosen_configs, onnx_logits, reference_logits
-from benchlib import bench_arguments, full_model, machine, table
+from benchlib import ALL_FEATURES, bench_arguments, full_model, machine, table
 
 from phi3edge import runtime
 from phi3edge.benchmark import prompt_ids, time_generation

@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import bench_arguments, machine, mid_model, table  # noqa: E402
+from benchlib import ALL_FEATURES, bench_arguments, machine, mid_model, table  # noqa: E402
 
 import phi3edge  # noqa: E402
 from phi3edge import engine, runtime  # noqa: E402
@@ -43,16 +43,7 @@ from phi3edge.prompt import Prompt  # noqa: E402
 from phi3edge.schema import SamplingConfig  # noqa: E402
 
 CONFIGS = {
-    "every feature": SamplingConfig(
-        temperature=0.7,
-        top_p=0.9,
-        presence_penalty=0.5,
-        frequency_penalty=0.5,
-        logit_bias={**NO_END, **{i: 1.0 for i in range(1000, 1007)}},
-        top_logprobs=20,
-        logprobs=True,
-        seed=1,
-    ),
+    "every feature": ALL_FEATURES,
     "none": SamplingConfig(temperature=0, logit_bias=NO_END),
 }
 

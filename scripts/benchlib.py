@@ -16,7 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from phi3edge import export, fixtures
+from phi3edge.benchmark import NO_END
 from phi3edge.cli import cache_dir
+from phi3edge.schema import SamplingConfig
 
 
 def full_model(
@@ -42,6 +44,18 @@ def full_model(
         export.export(checkpoint, exported, precision=precision, int4=int4, progress=print)
     return exported
 
+
+# Every sampling feature on: what our engine's per-token cost is measured with.
+ALL_FEATURES = SamplingConfig(
+    temperature=0.7,
+    top_p=0.9,
+    presence_penalty=0.5,
+    frequency_penalty=0.5,
+    logit_bias={**NO_END, **{i: 1.0 for i in range(1000, 1007)}},
+    top_logprobs=20,
+    logprobs=True,
+    seed=1,
+)
 
 MID = {
     "hidden_size": 1024,

@@ -72,3 +72,19 @@ def client_factory(service: Any) -> Iterator[Callable[..., Any]]:
     yield make
     for client in clients:
         client.close()
+
+
+@pytest.fixture
+def cli_error(capsys: pytest.CaptureFixture) -> Callable[..., str]:
+    """Runs ``phi3edge ARGV...`` expecting exit status 2 and returns its one-line error, checked to
+    start with ``error:`` and to carry no traceback."""
+    from phi3edge.cli import main
+
+    def run(*argv: str) -> str:
+        assert main(list(argv)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ")
+        assert not any(line.startswith(("Traceback", "  File")) for line in err)
+        return err[-1]
+
+    return run

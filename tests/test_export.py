@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from phi3edge import export
-from phi3edge.cli import main
 
 
 def test_manifest_records_the_export(tiny_int4: Path, model_factory: Callable) -> None:
@@ -43,28 +42,20 @@ def test_exported_folder_loads_in_onnxruntime_genai(tiny_int4: Path) -> None:
     assert list(tokenizer.encode("<|user|>"))[0] == 32010
 
 
-def _cli_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ")
-    assert not any(line.startswith(("Traceback", "  File")) for line in err)
-    return err[-1]
-
-
-def test_missing_folder(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
-    err = _cli_error(capsys, "export", str(tmp_path / "nope"), str(tmp_path / "out"))
+def test_missing_folder(cli_error: Callable[..., str], tmp_path: Path) -> None:
+    err = cli_error("export", str(tmp_path / "nope"), str(tmp_path / "out"))
     assert "no such folder" in err
 
 
-def test_not_a_phi3_checkpoint(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+def test_not_a_phi3_checkpoint(cli_error: Callable[..., str], tmp_path: Path) -> None:
     src = tmp_path / "llama"
     src.mkdir()
     (src / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
-    assert "not a Phi-3" in _cli_error(capsys, "export", str(src), str(tmp_path / "out"))
+    assert "not a Phi-3" in cli_error("export", str(src), str(tmp_path / "out"))
 
 
 def test_phi_3_small_without_a_tokenizer_is_refused_before_export(
-    capsys: pytest.CaptureFixture, tmp_path: Path
+    cli_error: Callable[..., str], tmp_path: Path
 ) -> None:
     """Neither cl100k_base.tiktoken (as published) nor tokenizer.json: say so up front."""
     from phi3edge import catalog
@@ -72,13 +63,13 @@ def test_phi_3_small_without_a_tokenizer_is_refused_before_export(
     src = tmp_path / "small"
     src.mkdir()
     (src / "config.json").write_text(json.dumps(catalog.get("phi-3-small-8k").published_config()))
-    err = _cli_error(capsys, "export", str(src), str(tmp_path / "out"))
+    err = cli_error("export", str(src), str(tmp_path / "out"))
     assert "no tokenizer" in err and "cl100k_base.tiktoken" in err and "tokenizer.json" in err
     assert not (tmp_path / "out").exists()
 
 
 def test_phi_3_small_with_a_malformed_tiktoken_file_is_refused_before_export(
-    capsys: pytest.CaptureFixture, tmp_path: Path
+    cli_error: Callable[..., str], tmp_path: Path
 ) -> None:
     from phi3edge import catalog
 
@@ -86,40 +77,42 @@ def test_phi_3_small_with_a_malformed_tiktoken_file_is_refused_before_export(
     src.mkdir()
     (src / "config.json").write_text(json.dumps(catalog.get("phi-3-small-8k").published_config()))
     (src / "cl100k_base.tiktoken").write_text("IQ== 0\nIg== 1\n")  # 2 ranks, 254 bytes missing
-    err = _cli_error(capsys, "export", str(src), str(tmp_path / "out"))
+    err = cli_error("export", str(src), str(tmp_path / "out"))
     assert "cl100k_base.tiktoken: 254 single bytes have no rank" in err
     assert not (tmp_path / "out").exists()
 
 
-def test_non_empty_output(capsys: pytest.CaptureFixture, tmp_path: Path, model_factory) -> None:
+def test_non_empty_output(cli_error: Callable[..., str], tmp_path: Path, model_factory) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep").write_text("x")
-    err = _cli_error(capsys, "export", str(model_factory("phi-3-mini-4k")), str(out))
+    err = cli_error("export", str(model_factory("phi-3-mini-4k")), str(out))
     assert "not an empty folder" in err
     assert (out / "keep").read_text() == "x"
 
 
-def test_hub_unreachable(capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_unreachable(
+    cli_error: Callable[..., str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    err = _cli_error(capsys, "export", "microsoft/Phi-3-mini-4k-instruct", str(tmp_path / "o"))
+    err = cli_error("export", "microsoft/Phi-3-mini-4k-instruct", str(tmp_path / "o"))
     assert "cannot download microsoft/Phi-3-mini-4k-instruct" in err
 
 
-def test_bad_block_size(capsys, tmp_path: Path, model_factory) -> None:
+def test_bad_block_size(cli_error: Callable[..., str], tmp_path: Path, model_factory) -> None:
     src = str(model_factory("phi-3-mini-4k"))
-    assert "block size" in _cli_error(
-        capsys, "export", src, str(tmp_path / "o"), "--block-size", "7"
-    )
+    assert "block size" in cli_error("export", src, str(tmp_path / "o"), "--block-size", "7")
 
 
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [("--accuracy-level", "7", "accuracy level"), ("--block-size", "48", "block size")],
 )
-def test_bad_int4_options(capsys, tmp_path: Path, model_factory, flag, value, message) -> None:
+def test_bad_int4_options(
+    cli_error: Callable[..., str], tmp_path: Path, model_factory, flag, value, message
+) -> None:
     src = str(model_factory("phi-3-mini-4k"))
-    assert message in _cli_error(capsys, "export", src, str(tmp_path / "o"), flag, value)
+    assert message in cli_error("export", src, str(tmp_path / "o"), flag, value)
 
 
 def test_int4_options_reach_the_model(tmp_path: Path, tiny_int4: Path, model_factory) -> None:
@@ -475,20 +468,22 @@ def test_a_checkpoint_of_no_published_shape_exports_with_a_warning(
     assert export.Manifest.read(out).catalog_id == "phi-3-mini-4k"
 
 
-def test_moe_experts_option_is_for_phi_3_5_moe_only(capsys, tmp_path: Path, model_factory) -> None:
+def test_moe_experts_option_is_for_phi_3_5_moe_only(
+    cli_error: Callable[..., str], tmp_path: Path, model_factory
+) -> None:
     checkpoint = str(model_factory("phi-3-mini-4k"))
-    err = _cli_error(capsys, "export", checkpoint, str(tmp_path / "o"), "--moe-experts", "int8")
+    err = cli_error("export", checkpoint, str(tmp_path / "o"), "--moe-experts", "int8")
     assert "--moe-experts applies to Phi-3.5-MoE only" in err
     assert not (tmp_path / "o").exists()
 
 
 def test_a_checkpoint_without_a_chat_template_is_refused_before_export(
-    capsys, tmp_path: Path, model_factory
+    cli_error: Callable[..., str], tmp_path: Path, model_factory
 ) -> None:
     checkpoint = tmp_path / "no-template"
     shutil.copytree(model_factory("phi-3-mini-4k"), checkpoint)
     config = json.loads((checkpoint / "tokenizer_config.json").read_text())
     del config["chat_template"]
     (checkpoint / "tokenizer_config.json").write_text(json.dumps(config))
-    err = _cli_error(capsys, "export", str(checkpoint), str(tmp_path / "o"))
+    err = cli_error("export", str(checkpoint), str(tmp_path / "o"))
     assert "has no chat template" in err

@@ -136,14 +136,6 @@ def test_k_quant_is_at_least_as_accurate_as_rtn(parity: dict[str, np.ndarray]) -
     assert parity["k_quant_mixed"].mean() >= rtn + 0.004
 
 
-def _cli_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ")
-    assert not any(line.startswith(("Traceback", "  File")) for line in err)
-    return err[-1]
-
-
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -152,10 +144,10 @@ def _cli_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
     ],
 )
 def test_bad_quant_options_are_one_line_errors(
-    capsys: pytest.CaptureFixture, tmp_path: Path, model_factory: Callable, flags, message
+    cli_error: Callable[..., str], tmp_path: Path, model_factory: Callable, flags, message
 ) -> None:
     src = str(model_factory("phi-3-mini-4k"))
-    assert message in _cli_error(capsys, "export", src, str(tmp_path / "o"), *flags)
+    assert message in cli_error("export", src, str(tmp_path / "o"), *flags)
     assert not (tmp_path / "o").exists()
 
 
