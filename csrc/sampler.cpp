@@ -9,7 +9,9 @@
 //        (or, for flat rows, of the whole row) so that they surely hold the top_logprobs, top_k
 //        and top_p sets; only the columns whose maximum reaches the threshold are visited
 //   3-6  on the candidates: partial_sort for the reported alternatives, nth_element for top_k,
-//        a weight histogram plus one sorted bin for the top_p boundary
+//        a weight histogram plus one sorted bin for the top_p boundary; when top_p's nucleus
+//        spans much of a flat row, its boundary is searched over the whole row instead
+//        (row_nucleus) and the candidates are only the reported alternatives
 //   7    an inverse-CDF walk over the kept candidates (or over the whole row in blocks)
 // The row is seen as groups of 16 x 16 floats; a column is one lane of one group (16 elements with
 // stride 16), so column maxima come from purely vertical, vectorised max operations. Hot loops run
@@ -661,11 +663,11 @@ std::int32_t draw_full(const float* w, const double* group_mass, std::int64_t n,
 }
 
 // Step 6 on a flat row (no top_k, and the column maxima cannot bound the nucleus: it spans much of
-// the vocabulary). Instead of gathering and ranking most of the row as candidates, a bisection on
-// the logit narrows an interval [lo, hi) that holds the boundary token, one vectorised pass per
-// round, until it holds at most kBoundaryTokens tokens (or cannot be split: ties). The weighted
-// ones are ranked as in top_p_nucleus. Then the weights outside the kept set are zeroed and the group
-// masses refreshed, so that draw_full samples the nucleus in id order.
+// the vocabulary). Instead of gathering and ranking most of the row as candidates, a search on the
+// logit (interpolated, see row_nucleus) narrows an interval [lo, hi) that holds the boundary token,
+// one vectorised pass per round, until it holds at most kBoundaryTokens tokens (or cannot be split:
+// ties). The weighted ones are ranked as in top_p_nucleus. Then the weights outside the kept set are
+// zeroed and the group masses refreshed, so that draw_full samples the nucleus in id order.
 
 constexpr std::int64_t kBoundaryTokens = 64;
 
