@@ -362,6 +362,17 @@ PHI3EDGE_MULTIVERSION float extreme_of(const float* __restrict x, std::int64_t n
     return m;
 }
 
+// The sum of a group's 16 lane accumulators by a pairwise tree (lane is overwritten); the one
+// summation order every group mass uses, so that masses from different passes agree bit for bit.
+inline double lane_total(float* lane) {
+    for (std::int64_t width = kLanes / 2; width > 0; width /= 2) {
+        for (std::int64_t j = 0; j < width; ++j) {
+            lane[j] += lane[j + width];
+        }
+    }
+    return static_cast<double>(lane[0]);
+}
+
 // Sum over the row of 2^((x[i] - shift) * scale) (scale = log2(e) / temperature). With kStore,
 // also writes each term to w and each group's sum to group_mass. Each group is summed in float
 // lanes (16 terms each, then a pairwise tree: error ~1e-7 relative); groups add in double.
@@ -393,15 +404,11 @@ PHI3EDGE_MULTIVERSION double exp_sum(const float* __restrict x, std::int64_t n, 
                 lane[i % kLanes] += e;
             }
         }
-        for (std::int64_t width = kLanes / 2; width > 0; width /= 2) {
-            for (std::int64_t j = 0; j < width; ++j) {
-                lane[j] += lane[j + width];
-            }
-        }
+        const double sum = lane_total(lane);
         if constexpr (kStore) {
-            group_mass[g] = static_cast<double>(lane[0]);
+            group_mass[g] = sum;
         }
-        total += static_cast<double>(lane[0]);
+        total += sum;
     }
     return total;
 }
@@ -709,12 +716,7 @@ PHI3EDGE_MULTIVERSION std::pair<double, std::int64_t> slice_of(
                 column_count[g * kLanes + j] = columns;
             }
         }
-        for (std::int64_t width = kLanes / 2; width > 0; width /= 2) {
-            for (std::int64_t j = 0; j < width; ++j) {
-                lane[j] += lane[j + width];
-            }
-        }
-        mass += static_cast<double>(lane[0]);
+        mass += lane_total(lane);
     }
     return {mass, count};
 }
@@ -748,13 +750,8 @@ double keep_ranked_before(const float* __restrict x, float* __restrict w, std::i
                 lane[i % kLanes] += w[i];
             }
         }
-        for (std::int64_t width = kLanes / 2; width > 0; width /= 2) {
-            for (std::int64_t j = 0; j < width; ++j) {
-                lane[j] += lane[j + width];
-            }
-        }
-        group_mass[g] = static_cast<double>(lane[0]);
-        total += static_cast<double>(lane[0]);
+        group_mass[g] = lane_total(lane);
+        total += group_mass[g];
     }
     return total;
 }

@@ -272,11 +272,14 @@ def _check_k_quant_blocks(int4: Int4Options, config: dict[str, Any]) -> None:
         return
     for name in ("hidden_size", "intermediate_size"):
         size = config.get(name)
-        if isinstance(size, int) and -(-size // int4.block_size) % 2:
+        if not isinstance(size, int):
+            continue
+        blocks = -(-size // int4.block_size)  # a partial last block counts
+        if blocks % 2:
             raise ExportError(
                 f"quant method {int4.method} needs an even number of blocks per row, but "
                 f"{name} {size} / block size {int4.block_size} gives "
-                f"{-(-size // int4.block_size)}; use another block size or quant method rtn"
+                f"{blocks}; use another block size or quant method rtn"
             )
 
 

@@ -25,21 +25,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_quant import CONFIGS, chosen_configs, onnx_logits, reference_logits
-from benchlib import ALL_FEATURES, bench_arguments, full_model, machine, table
+from bench_quant import CONFIGS, chosen_configs, cosines, onnx_logits, reference_logits
+from benchlib import ALL_FEATURES, bench_arguments, full_model, machine, random_checkpoint, table
 
 from phi3edge import runtime
 from phi3edge.benchmark import prompt_ids, time_generation
-from phi3edge.cli import cache_dir
 
 PROMPT, DECODE = 128, 64
-
-
-def cosine(ours: np.ndarray, reference: np.ndarray) -> float:
-    """Mean over positions of the cosine between two [positions, vocab] logit arrays."""
-    dot = (ours * reference).sum(-1)
-    norms = np.linalg.norm(ours, axis=-1) * np.linalg.norm(reference, axis=-1)
-    return float((dot / norms).mean())
 
 
 def llama_cpp_logits(path: Path, threads: int, ids: list[int]) -> np.ndarray:
@@ -101,7 +93,8 @@ def main() -> None:
     ids = prompt_ids(PROMPT)
     accuracy_ids = prompt_ids(64, seed=9)
     reference = reference_logits(np.array([accuracy_ids], dtype=np.int64))
-    gguf = cache_dir() / "bench" / "full-phi-3-mini-4k-random-f16"
+    checkpoint = random_checkpoint()
+    gguf = checkpoint.with_name(checkpoint.name + "-f16")
     results: dict[str, tuple[float, float, float]] = {}
     for config in names:
         label, options = CONFIGS[config]
@@ -109,12 +102,13 @@ def main() -> None:
         logits = onnx_logits(folder, np.array([accuracy_ids], dtype=np.int64), args.threads)
         results[name] = (
             *ours_run(folder, args.threads, ids, args.repeats),
-            cosine(logits, reference),
+            float(cosines(logits, reference).mean()),
         )
         print(name, results[name], flush=True)
     for kind in ("q4_0", "q4_k_m"):
         path = Path(f"{gguf}-{kind}.gguf")
-        accuracy = cosine(llama_cpp_logits(path, args.threads, accuracy_ids), reference)
+        llama_logits = llama_cpp_logits(path, args.threads, accuracy_ids)
+        accuracy = float(cosines(llama_logits, reference).mean())
         runs = [llama_cpp_run(path, args.threads, ids) for _ in range(args.repeats)]
         results[f"llama.cpp {kind.upper()} ({path.stat().st_size / 1e9:.2f} GB)"] = (
             float(np.median([r[0] for r in runs])),

@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_engine import raw_og  # noqa: E402
 from benchlib import ALL_FEATURES, bench_arguments, machine, mid_model, table  # noqa: E402
 
 import phi3edge  # noqa: E402
@@ -48,28 +49,12 @@ CONFIGS = {
 }
 
 
-def raw_decode(model: runtime.LoadedModel, ids: list[int], new: int) -> float:
-    """onnxruntime-genai's own greedy loop: decode tok/s after the first token."""
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model.model)
-    total = len(ids) + new
-    params.set_search_options(max_length=total, batch_size=1, min_length=total)
-    generator = og.Generator(model.model, params)
-    generator.append_tokens(np.array([ids], dtype=np.int32))
-    generator.generate_next_token()
-    started = time.perf_counter()
-    while not generator.is_done():
-        generator.generate_next_token()
-    return (new - 1) / (time.perf_counter() - started)
-
-
 def rates(model: runtime.LoadedModel, ids: list[int], new: int, repeats: int) -> dict[str, list]:
     """Decode tok/s of raw and of each configuration, ``repeats`` alternating rounds."""
-    raw_decode(model, ids, 8)  # warm up
+    raw_og(model, ids, 8)  # warm up
     out: dict[str, list[float]] = {"raw": [], **{name: [] for name in CONFIGS}}
     for _ in range(repeats):
-        out["raw"].append(raw_decode(model, ids, new))
+        out["raw"].append(raw_og(model, ids, new)[1])
         for name, cfg in CONFIGS.items():
             out[name].append(time_generation(model, ids, new, cfg).decode_tok_s)
     return out

@@ -23,11 +23,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from benchlib import bench_arguments, full_model, machine, table
+from benchlib import bench_arguments, full_model, machine, random_checkpoint, table
 
 from phi3edge import runtime
 from phi3edge.benchmark import NO_END, prompt_ids, time_generation
-from phi3edge.cli import cache_dir
 from phi3edge.schema import SamplingConfig
 
 # name (for --configs) -> (label in the table, export.Int4Options keyword arguments)
@@ -57,18 +56,12 @@ CONFIGS: dict[str, tuple[str, dict[str, int | str | bool]]] = {
 }
 
 
-def checkpoint_dir(layers: int | None) -> Path:
-    """The random checkpoint ``benchlib.full_model`` builds (full size, or ``layers`` deep)."""
-    depth = f"-{layers}layers" if layers else ""
-    return cache_dir() / "bench" / f"full-phi-3-mini-4k{depth}-random"
-
-
 def reference_logits(ids: np.ndarray, layers: int | None = None) -> np.ndarray:
     """transformers' float32 Phi3ForCausalLM on the random checkpoint (full size by default)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    checkpoint = checkpoint_dir(layers)
+    checkpoint = random_checkpoint(layers=layers)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = model(torch.from_numpy(ids)).logits[0].numpy()
@@ -91,6 +84,12 @@ def onnx_logits(folder: Path, ids: np.ndarray, threads: int) -> np.ndarray:
                 (1, genai["num_key_value_heads"], 0, genai["head_size"]), np.float32
             )
     return session.run(["logits"], feeds)[0][0]
+
+
+def cosines(ours: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The cosine between two [positions, vocab] logit arrays at each position."""
+    dot = (ours * reference).sum(-1)
+    return dot / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(reference, axis=-1))
 
 
 def chosen_configs(names: str | None) -> list[str]:
@@ -150,10 +149,7 @@ def main() -> None:
         label, options = CONFIGS[name]
         print(f"[{number}/{len(names)}] {name}: {label}", flush=True)
         folder = full_model(layers=args.layers, **options)
-        ours = onnx_logits(folder, ids, args.threads)
-        cosine = (ours * reference).sum(-1) / (
-            np.linalg.norm(ours, axis=-1) * np.linalg.norm(reference, axis=-1)
-        )
+        cosine = cosines(onnx_logits(folder, ids, args.threads), reference)
         model = runtime.load(folder, threads=args.threads)
         prefill, decode = decode_rate(model, 128, args.repeats)
         decode_long = decode_rate(model, args.long, args.repeats)[1] if args.long else None

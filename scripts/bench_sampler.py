@@ -2,7 +2,9 @@
 
 Input: nothing (synthetic logits, normal(0, 3), so nucleus sets are realistically large).
 Output: a table of per-row-step times on one core: the NumPy step, the C++ kernel (including the
-Python call), their ratio, and the kernel's per-row time for batch sizes 1..16.
+Python call), their ratio, the kernel on a flat row (normal(0, 0.6), a random-weight model's
+logits, where top_p keeps about two thirds of V), and the kernel's per-row time for batch sizes
+1..16. It only needs ``phi3edge._sampling``, so another installed version can run it too.
 Every feature is on: 10 biased ids, presence + frequency penalties over 100 generated tokens,
 temperature 0.7, top_p 0.9, top_logprobs 20.
 
@@ -34,6 +36,9 @@ FREQUENCY = 0.3
 N_BIAS = 10
 N_GENERATED = 100
 BATCHES = (1, 2, 4, 8, 16)
+
+
+FLAT_SPREAD = 0.6  # std of a random-weight Phi-3's logits (the mid-size benchmark model's)
 
 
 def numpy_step(
@@ -69,9 +74,9 @@ class KernelStep:
     """One _sampling.sample call for a batch on fixed logits. Before each timed call every state
     is reset to the same 100 generated tokens (untimed), so that penalties do not pile up."""
 
-    def __init__(self, batch: int, vocab: int, seed: int) -> None:
+    def __init__(self, batch: int, vocab: int, seed: int, spread: float = 3.0) -> None:
         rng = np.random.default_rng(seed)
-        self.logits = rng.normal(0.0, 3.0, size=(batch, vocab)).astype(np.float32)
+        self.logits = rng.normal(0.0, spread, size=(batch, vocab)).astype(np.float32)
         bias_ids = rng.choice(vocab, size=N_BIAS, replace=False)
         bias_values = rng.uniform(-5.0, 5.0, size=N_BIAS)
         self.bias = {int(i): float(v) for i, v in zip(bias_ids, bias_values, strict=True)}
@@ -126,6 +131,8 @@ def main() -> None:
         repeats=args.repeats,
     )
     kernel_s = single.seconds(calls=1000, repeats=args.repeats)
+    # A random-weight model's row (logits with std 0.6): top_p keeps about two thirds of V.
+    flat_s = KernelStep(1, args.vocab, seed=0, spread=FLAT_SPREAD).seconds(1000, args.repeats)
 
     print(f"phi3edge._sampling {_sampling.__version__}: one row-step, V={args.vocab}, one core")
     print(
@@ -137,6 +144,7 @@ def main() -> None:
     print(f"{'numpy (float64, full sorts)':<30}{numpy_s * 1e3:>9.3f} ms")
     print(f"{'C++ kernel (incl. the call)':<30}{kernel_s * 1e6:>9.1f} us")
     print(f"{'ratio numpy / kernel':<30}{numpy_s / kernel_s:>10.0f} x")
+    print(f"{'C++ kernel, flat row (std 0.6)':<30}{flat_s * 1e6:>9.1f} us")
     print()
     print(f"{'B':>4}{'per call':>14}{'per row':>12}{'per row vs B=1':>17}")
     per_row_b1 = 0.0

@@ -21,6 +21,13 @@ from phi3edge.cli import cache_dir
 from phi3edge.schema import SamplingConfig
 
 
+def random_checkpoint(member: str = "phi-3-mini-4k", layers: int | None = None) -> Path:
+    """Where ``full_model`` keeps the full-width random checkpoint of ``member`` (``layers``
+    deep when given); the exports and other formats of it are named after it."""
+    depth = f"-{layers}layers" if layers else ""
+    return cache_dir() / "bench" / f"full-{member}{depth}-random"
+
+
 def full_model(
     member: str = "phi-3-mini-4k",
     precision: str = "int4",
@@ -30,14 +37,12 @@ def full_model(
     """The full-size random checkpoint of ``member`` exported once and cached (INT4 options as
     keyword arguments, e.g. ``block_size=128``). ``layers`` keeps the full width with fewer
     layers, for members too big for this machine."""
-    root = cache_dir() / "bench"
-    depth = f"-{layers}layers" if layers else ""
-    checkpoint = root / f"full-{member}{depth}-random"
+    checkpoint = random_checkpoint(member, layers)
     if not (checkpoint / "config.json").exists():
-        print(f"building full-size random {member}{depth} in {checkpoint} ...")
+        print(f"building full-size random {checkpoint.name} ...")
         fixtures.write_random_checkpoint(member, checkpoint, size="full", layers=layers)
     suffix = "".join(f"-{k}{v}" for k, v in sorted(options.items()))
-    exported = root / f"full-{member}{depth}-random-{precision}{suffix}"
+    exported = checkpoint.with_name(f"{checkpoint.name}-{precision}{suffix}")
     if not (exported / export.MANIFEST).exists():
         print(f"exporting to {exported} (about 3 minutes) ...")
         int4 = export.Int4Options(**options)  # type: ignore[arg-type]
