@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from phi3edge import batch
-from phi3edge.limits import Limits
 from phi3edge.service import ChatService
 
 ACTOR_START_TIMEOUT_S = 600  # for every actor of a job to load its model
@@ -49,11 +48,17 @@ class ChatPredictor:
         extra_parameters: str | None = None,
         skip_ids: Iterable[str] = (),
         line_errors: bool = True,
+        window: int = batch.WINDOW,
+        prefill_tokens: int = batch.JOB_PREFILL_TOKENS,
     ) -> None:
         """``skip_ids``: custom_ids already answered. ``line_errors``: answer rows that are not
-        requests with an error row (False: drop them, when the caller reports them itself)."""
+        requests with an error row (False: drop them, when the caller reports them itself).
+        ``window`` and ``prefill_tokens``: as for a local job (``batch.job_limits``)."""
+        self.window = window
         self.service = ChatService(
-            model_dir, threads=threads or _assigned_cpus(), limits=Limits(max_queue=batch.WINDOW)
+            model_dir,
+            threads=threads or _assigned_cpus(),
+            limits=batch.job_limits(window, prefill_tokens),
         )
         self.extra_parameters = extra_parameters
         self.skip_ids = set(skip_ids)
@@ -68,7 +73,7 @@ class ChatPredictor:
             requests,
             skip_ids=self.skip_ids,
             extra_parameters=self.extra_parameters,
-            window=batch.WINDOW,
+            window=self.window,
         )
         columns: dict[str, list[Any]] = {"custom_id": [], "status_code": [], "content": []}
         columns["output"] = []
@@ -97,6 +102,8 @@ def run(
     skip_ids: Iterable[str] = (),
     skip_lines: Iterable[int] = (),
     extra_parameters: str | None = None,
+    window: int = batch.WINDOW,
+    prefill_tokens: int = batch.JOB_PREFILL_TOKENS,
 ) -> Iterator[dict[str, Any]]:
     """A Batch API JSONL file answered on a Ray cluster; yields output dicts as they arrive.
 
@@ -105,7 +112,7 @@ def run(
     The file is read by Ray Data: on a cluster of several machines it must be at the same path
     on each (shared storage), and phi3edge and the model folder too.
     Lines that are not requests are answered here (this process knows their line numbers); the
-    rest go to ``actors`` ``ChatPredictor`` actors.
+    rest go to ``actors`` ``ChatPredictor`` actors, ``window`` rows at a time each.
     """
     import ray
 
@@ -151,10 +158,12 @@ def run(
                     "extra_parameters": extra_parameters,
                     "skip_ids": skip_ids,
                     "line_errors": False,
+                    "window": window,
+                    "prefill_tokens": prefill_tokens,
                 },
                 compute=ray.data.ActorPoolStrategy(size=actors),
                 num_cpus=cpus_per_actor,
-                batch_size=batch.WINDOW,
+                batch_size=window,
             )
             for row in answers.iter_rows():
                 yield json.loads(row["output"])

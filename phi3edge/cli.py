@@ -239,6 +239,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from phi3edge.batch_file import OutputFile
 
     scanned = batch.scan(batch.read_file(args.input))  # duplicates: refused before anything runs
+    limits = batch.job_limits(args.window, args.batch_prefill_tokens)  # nonsense: refused here
     with OutputFile(args.output) as out:
         if out.truncated_bytes:
             _progress(
@@ -269,6 +270,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
                 skip_ids=out.done_ids,
                 skip_lines=out.done_lines,
                 extra_parameters=args.extra_parameters,
+                window=args.window,
+                prefill_tokens=args.batch_prefill_tokens,
             )
         else:
             results = batch.run(
@@ -279,6 +282,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
                 extra_parameters=args.extra_parameters,
                 threads=args.threads,
                 window=args.window,
+                limits=limits,
             )
         return _write_results(results, out, remaining)
 
@@ -360,6 +364,12 @@ _LIMIT_FLAGS = [  # (flag, field of phi3edge.limits.Limits, help)
     ("--max-n", "max_n", "largest n"),
     ("--max-queue", "max_queue", "requests running or waiting; more are answered 429"),
     ("--max-active-batches", "max_active_batches", "batches that take turns on the model"),
+    (
+        "--batch-prefill-tokens",
+        "batch_prefill_tokens",
+        "padded prompt tokens (rows x longest prompt) of one batched prefill, which nothing "
+        "interrupts; longer prompts run alone",
+    ),
 ]
 
 
@@ -564,7 +574,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--window",
         type=int,
         default=32,
-        help="requests in flight at once; the engine batches them (default %(default)s)",
+        help="requests in flight at once; the engine batches them, the most alike lengths "
+        "together (default %(default)s)",
+    )
+    bat.add_argument(
+        "--batch-prefill-tokens",
+        type=int,
+        default=256,
+        help="padded prompt tokens (rows x longest prompt) of one batched prefill; longer "
+        "prompts run alone (default %(default)s)",
     )
     bat.add_argument(
         "--extra-parameters",

@@ -17,9 +17,9 @@ Scheduling (onnxruntime-genai cannot add rows to a running generator on CPU):
   while the model is busy.
 - Waiting requests form a batch when one of ``max_active_batches`` slots is free and the oldest
   has waited ``BATCH_WINDOW_S`` (50 ms, so requests sent together arrive together): the oldest
-  waiting request plus every later one that fits with it (``engine.fits_in_batch``: rows,
-  context, a short batched prefill). A request with a long prompt runs alone and its prefill goes
-  in 64-token chunks.
+  waiting request plus the others that fit with it (``engine.fits_in_batch``: rows, context,
+  ``Limits.batch_prefill_tokens`` of batched prefill), those of the most alike lengths first. A
+  request with a prompt too long to share runs alone and its prefill goes in 64-token chunks.
 - Active batches take turns one unit of work at a time (a prefill chunk or a decode step); the
   batch that has used the least engine time goes next. A short request arriving behind a long one
   therefore starts at once and shares the engine, instead of waiting for the long one to end.
@@ -565,10 +565,13 @@ class _EngineLoop:
                 )
 
     def _start_batch(self, waiting: deque[_Unit], batches: list[_Batch]) -> _Batch:
-        """The oldest waiting unit plus every later one that fits in one batch with it."""
+        """The oldest waiting unit plus the others that fit in one batch with it, the most alike
+        first (``engine.padding_cost``), so a batch wastes little on padding and filler steps."""
         chosen = [waiting.popleft()]
-        for unit in list(waiting):
-            if engine.fits_in_batch(self.model, [u.item() for u in [*chosen, unit]]):
+        anchor = chosen[0].item()
+        cap = self.limits.batch_prefill_tokens
+        for unit in sorted(waiting, key=lambda u: engine.padding_cost(anchor, u.item())):
+            if engine.fits_in_batch(self.model, [u.item() for u in [*chosen, unit]], cap):
                 chosen.append(unit)
                 waiting.remove(unit)
         stats = self.stats

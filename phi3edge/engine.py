@@ -286,15 +286,20 @@ class BatchItem:
 
 
 MAX_BATCH_ROWS = 16
-BATCH_PREFILL_TOKENS = 256  # padded tokens: a batch's prefill is one append, keep it short
+# Padded prompt tokens of one batched prefill: a single append the engine cannot pause, so a
+# server keeps it short; a batch job (phi3edge.batch) allows more, so long prompts share a batch.
+BATCH_PREFILL_TOKENS = 256
 
 
-def fits_in_batch(model: LoadedModel, items: list[BatchItem]) -> bool:
+def fits_in_batch(
+    model: LoadedModel, items: list[BatchItem], prefill_tokens: int = BATCH_PREFILL_TOKENS
+) -> bool:
     """Whether ``items`` can run as one onnxruntime-genai batch (rows, context, prefill size).
 
     The one batching policy: the engine thread forms its batches with it. A single item always
     fits (its own prefill is chunked when it runs alone). A generator runs one adapter, so a
-    batch's requests share theirs.
+    batch's requests share theirs. ``prefill_tokens``: the cap on the batched prefill's padded
+    tokens (rows x longest prompt).
     """
     if len(items) <= 1:
         return True
@@ -306,7 +311,15 @@ def fits_in_batch(model: LoadedModel, items: list[BatchItem]) -> bool:
     return (
         rows <= MAX_BATCH_ROWS
         and need <= model.context_length
-        and rows * (longest - 1) <= BATCH_PREFILL_TOKENS
+        and rows * (longest - 1) <= prefill_tokens
+    )
+
+
+def padding_cost(a: BatchItem, b: BatchItem) -> int:
+    """What running ``a`` and ``b`` in one batch wastes: the shorter prompt's padding plus the
+    filler steps of the row that ends first (the ends of a static batch differ by that much)."""
+    return abs(len(a.prompt.ids) - len(b.prompt.ids)) + abs(
+        a.prompt.max_new_tokens - b.prompt.max_new_tokens
     )
 
 
@@ -320,7 +333,7 @@ def generate_batch(
     one forced step, so each row's KV and positions are exactly its own (logits match single runs
     to float rounding, see the tests). A request with ``n`` choices takes ``n`` rows. The caller
     checks ``fits_in_batch`` first. onnxruntime-genai refuses a second ``append_tokens`` on a
-    batch, so the prefill is not chunked (``BATCH_PREFILL_TOKENS`` keeps it short).
+    batch, so the prefill is not chunked (``fits_in_batch`` caps its size).
     """
     vocab = model.vocab_size
     rows: list[_Row] = []

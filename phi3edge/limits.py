@@ -25,10 +25,20 @@ class Limits:
     max_n: int = MAX_N
     max_queue: int = 16  # requests running or waiting for the model; more are refused (429)
     max_active_batches: int = 2  # batches that take turns on the engine
+    # Padded prompt tokens of one batched prefill (rows x longest prompt): one model call that
+    # nothing else can interrupt, so a server keeps it short; batch jobs raise it.
+    batch_prefill_tokens: int = 256
     time_budget_s: float | None = None  # per request, queueing included; None: no limit
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens", "max_output_tokens", "max_n", "max_queue", "max_active_batches"):
+        for name in (
+            "max_tokens",
+            "max_output_tokens",
+            "max_n",
+            "max_queue",
+            "max_active_batches",
+            "batch_prefill_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:

@@ -1,7 +1,8 @@
 """Batch jobs: 64 requests of mixed lengths, `phi3edge batch` against one request at a time.
 
 Usage: python scripts/bench_batch.py [--model DIR | --layers N] [--windows 1,2,4,8,16,32]
-                                     [--active-batches 2] [--prefill-caps 256]
+                                     [--active-batches 2] [--prefill-caps 4096]
+                                     [--step-costs 1,2,4,8,16] [--step-prompt 128]
                                      [--requests 64] [--threads 2] [--repeats 1] [--out results]
 
 The model: an exported folder (``--model``), or the full-width random Phi-3-mini-4k INT4 with
@@ -12,10 +13,13 @@ depth). One loaded model serves every measurement, side by side in one run:
   ``--windows`` value as the number of requests in flight, and each ``--active-batches`` value
   as the number of batches the engine runs at once (a second model copy is loaded per value);
   the engine forms batches of the requests in flight (``engine.fits_in_batch``), and the table
-  reports the rows per batch it formed. ``--prefill-caps`` is an experiment on the engine's
-  policy: other caps on a batched prefill's padded tokens (``engine.BATCH_PREFILL_TOKENS``).
-Requests: prompts of 10 to 200 words, 16 to 64 new tokens each (the end tokens are banned so every
-request generates exactly its ``max_tokens``), seeded sampling at temperature 0.7.
+  reports the rows per batch it formed; each ``--prefill-caps`` value is a cap on a batched
+  prefill's padded tokens (``Limits.batch_prefill_tokens``; a model copy per value too).
+``--step-costs 1,2,4,8,16`` first times one batch of that many rows on the engine's batch path:
+its prefill and its decode step, so the best rows per batch can be read off.
+Requests: prompts of 10 to 200 words, 16 to 64 new tokens each (``--prompt-words``,
+``--answer-tokens``; the end tokens are banned so every request generates exactly its
+``max_tokens``), seeded sampling at temperature 0.7.
 With ``--repeats N`` the runs go round N times in turn (so a slow spell of a shared machine hits
 all of them alike) and each figure is the median.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,27 +38,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import bench_arguments, full_model, machine, table  # noqa: E402
 
-from phi3edge import batch, engine  # noqa: E402
+from phi3edge import batch, engine, runtime  # noqa: E402
+from phi3edge.benchmark import NO_END, prompt_ids  # noqa: E402
 from phi3edge.limits import Limits  # noqa: E402
-from phi3edge.schema import parse_request  # noqa: E402
+from phi3edge.prompt import Prompt  # noqa: E402
+from phi3edge.schema import SamplingConfig, parse_request  # noqa: E402
 from phi3edge.service import ChatService  # noqa: E402
 
-NO_END = {"32000": -100, "32001": -100, "32007": -100}
 WORDS = "the model answers every request of the file while the engine batches them".split()
 
 
-def requests(count: int, seed: int = 0) -> list[str]:
-    """Batch API lines of mixed prompt and answer lengths."""
+PROMPT_WORDS = (10, 25, 50, 100, 200)
+ANSWER_TOKENS = (16, 32, 48, 64)
+
+
+def requests(
+    count: int,
+    seed: int = 0,
+    prompt_words: tuple[int, ...] = PROMPT_WORDS,
+    answer_tokens: tuple[int, ...] = ANSWER_TOKENS,
+) -> list[str]:
+    """Batch API lines of mixed prompt and answer lengths (each drawn from the given ones)."""
     rng = random.Random(seed)
     lines = []
     for i in range(count):
-        prompt = " ".join(rng.choice(WORDS) for _ in range(rng.choice([10, 25, 50, 100, 200])))
+        prompt = " ".join(rng.choice(WORDS) for _ in range(rng.choice(prompt_words)))
         body = {
             "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": rng.choice([16, 32, 48, 64]),
+            "max_tokens": rng.choice(answer_tokens),
             "temperature": 0.7,
             "seed": i,
-            "logit_bias": NO_END,
+            "logit_bias": {str(t): b for t, b in NO_END.items()},
         }
         lines.append(
             json.dumps(
@@ -66,6 +81,35 @@ def requests(count: int, seed: int = 0) -> list[str]:
             )
         )
     return lines
+
+
+def step_costs(
+    model_dir: Path, threads: int, row_counts: list[int], prompt_tokens: int, steps: int
+) -> list[dict[str, Any]]:
+    """What a batch of ``rows`` costs on the engine's batch path (``engine.generate_batch``):
+    its prefill (one append of rows x prompt tokens) and the median decode step."""
+    model = runtime.load(model_dir, threads=threads)
+    cfg = SamplingConfig(temperature=0.7, seed=0, logit_bias=NO_END)
+    found = []
+    for rows in [1, *row_counts]:  # the first run warms the model up and is not reported
+        items = [
+            engine.BatchItem(Prompt(prompt_ids(prompt_tokens, seed=r), steps), cfg)
+            for r in range(rows)
+        ]
+        started = time.perf_counter()
+        marks = [time.perf_counter() for _ in engine.generate_batch(model, items)]
+        prefill_s = marks[0] - started
+        step_s = statistics.median(b - a for a, b in zip(marks[:-1], marks[1:], strict=True))
+        found.append(
+            {
+                "rows": rows,
+                "prefill_tok_s": round(rows * prompt_tokens / prefill_s, 1),
+                "decode_step_ms": round(step_s * 1e3, 1),
+                "decode_tok_s": round(rows / step_s, 2),
+            }
+        )
+        print(f"{rows} rows: {found[-1]}", flush=True)
+    return found[1:]
 
 
 def one_at_a_time(service: ChatService, lines: list[str]) -> dict[str, Any]:
@@ -115,48 +159,97 @@ def main() -> None:
         "--layers", type=int, default=4, help="without --model: full-width random Phi-3-mini depth"
     )
     parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--windows", default="1,2,4,8,16,32", help="requests in flight")
+    parser.add_argument(
+        "--prompt-words",
+        default=",".join(map(str, PROMPT_WORDS)),
+        help="prompt lengths in words, one drawn per request",
+    )
+    parser.add_argument(
+        "--answer-tokens",
+        default=",".join(map(str, ANSWER_TOKENS)),
+        help="max_tokens values, one drawn per request (every request generates all of them)",
+    )
+    parser.add_argument(
+        "--windows", default="1,2,4,8,16,32", help="requests in flight ('': no batch job runs)"
+    )
     parser.add_argument(
         "--prefill-caps",
-        default=str(engine.BATCH_PREFILL_TOKENS),
-        help="experiment: engine.BATCH_PREFILL_TOKENS values to try (padded tokens of a batched "
-        "prefill; the engine's own value is the default)",
+        default=str(batch.JOB_PREFILL_TOKENS),
+        help="Limits.batch_prefill_tokens values to try (padded tokens of a batched prefill; "
+        "default: a batch job's own value; a server's is 256)",
     )
     parser.add_argument(
         "--active-batches",
         default="2",
         help="batches the engine runs at once (Limits.max_active_batches), each tried per window",
     )
+    parser.add_argument(
+        "--step-costs",
+        default="",
+        help="rows per batch to time one batch's prefill and decode step at (e.g. 1,2,4,8,16)",
+    )
+    parser.add_argument(
+        "--step-prompt", type=int, default=128, help="prompt tokens per row for --step-costs"
+    )
     args = parser.parse_args()
     model = args.model or full_model("phi-3-mini-4k", "int4", layers=args.layers)
+    if args.step_costs:
+        counts = [int(r) for r in args.step_costs.split(",")]
+        costs = step_costs(model, args.threads, counts, args.step_prompt, steps=16)
+        one = costs[0]["decode_tok_s"] / costs[0]["rows"]
+        print(
+            f"\n{machine()}\nmodel {model}, {args.threads} threads, {args.step_prompt}-token "
+            "prompts, 16 steps\n"
+        )
+        print(
+            table(
+                ["rows", "prefill tok/s", "decode step ms", "decode tok/s", "vs 1 row"],
+                [
+                    [
+                        c["rows"],
+                        c["prefill_tok_s"],
+                        c["decode_step_ms"],
+                        c["decode_tok_s"],
+                        f"{c['decode_tok_s'] / one:.2f}x",
+                    ]
+                    for c in costs
+                ],
+            )  # fmt: skip
+        )
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_batch_steps.json").write_text(
+            json.dumps({"machine": machine(), "model": str(model), "steps": costs}, indent=2)
+        )
+    if not args.windows:
+        return
     windows = [int(w) for w in args.windows.split(",")]
     actives = [int(a) for a in args.active_batches.split(",")]
     caps = [int(c) for c in args.prefill_caps.split(",")]
-    lines = requests(args.requests)
+    words = tuple(int(w) for w in args.prompt_words.split(","))
+    answers = tuple(int(t) for t in args.answer_tokens.split(","))
+    lines = requests(args.requests, prompt_words=words, answer_tokens=answers)
+    configs = [(w, a, c) for w in windows for a in actives for c in caps]
     services = {
-        a: ChatService(
-            model, threads=args.threads, limits=Limits(max_queue=max(windows), max_active_batches=a)
+        (a, c): ChatService(
+            model,
+            threads=args.threads,
+            limits=Limits(max_queue=max(windows), max_active_batches=a, batch_prefill_tokens=c),
         )
         for a in actives
+        for c in caps
     }
-    configs = [(w, a, c) for w in windows for a in actives for c in caps]
-    own_cap = engine.BATCH_PREFILL_TOKENS
     try:
         for service in services.values():
             batched(service, lines[:4], window=4)  # warm-up
         rounds: dict[str, list[dict[str, Any]]] = {}
         for _ in range(args.repeats):
-            rounds.setdefault("solo", []).append(one_at_a_time(services[actives[0]], lines))
+            rounds.setdefault("solo", []).append(
+                one_at_a_time(services[actives[0], caps[0]], lines)
+            )
             print(f"one at a time: {rounds['solo'][-1]}", flush=True)
             for window, active, cap in configs:
-                key = f"{window} in flight, {active} active"
-                if cap != own_cap:
-                    key += f", prefill cap {cap}"
-                engine.BATCH_PREFILL_TOKENS = cap  # read by fits_in_batch at each batch
-                try:
-                    rounds.setdefault(key, []).append(batched(services[active], lines, window))
-                finally:
-                    engine.BATCH_PREFILL_TOKENS = own_cap
+                key = f"{window} in flight, {active} active, prefill cap {cap}"
+                rounds.setdefault(key, []).append(batched(services[active, cap], lines, window))
                 print(f"{key}: {rounds[key][-1]}", flush=True)
     finally:
         for service in services.values():
@@ -192,6 +285,8 @@ def main() -> None:
         "model": str(model),
         "threads": args.threads,
         "requests": args.requests,
+        "prompt_words": words,
+        "answer_tokens": answers,
         "repeats": args.repeats,
         "one_at_a_time": solo,
         "batch": runs,
@@ -199,8 +294,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_batch.json").write_text(json.dumps(report, indent=2))
     print(
-        f"\n{machine()}\nmodel {model}, {args.requests} requests, {args.threads} threads, "
-        f"median of {args.repeats}\n"
+        f"\n{machine()}\nmodel {model}, {args.requests} requests (prompts of {words} words, "
+        f"{answers} new tokens), {args.threads} threads, median of {args.repeats}\n"
     )
     print(table(headers, rows))
 

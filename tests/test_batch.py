@@ -430,3 +430,11 @@ def test_command_refuses_duplicates_without_touching_the_output(
     source.write_text(_line("a", body) + "\n")
     assert main(["batch", str(tiny_int4), str(source), "-o", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
+    for flags, words in [
+        (["--batch-prefill-tokens", "0"], "batch_prefill_tokens must be >= 1"),
+        (["--window", "0"], "max_queue must be >= 1"),
+    ]:
+        out = tmp_path / "limits.jsonl"
+        assert main(["batch", str(tiny_int4), str(source), "-o", str(out), *flags]) == 2
+        assert words in capsys.readouterr().err
+        assert not out.exists()

@@ -69,6 +69,7 @@ def test_usage_errors_exit_2(capsys) -> None:
     [
         (["--max-queue", "0"], "max_queue must be >= 1"),
         (["--max-n", "17"], "max_n must be <= 16"),
+        (["--batch-prefill-tokens", "0"], "batch_prefill_tokens must be >= 1"),
         (["--time-budget", "-1"], "time_budget_s must be > 0"),
         (["--allowed-host", ""], "allowed"),
     ],

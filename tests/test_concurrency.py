@@ -161,6 +161,31 @@ def test_batch_of_requests_matches_single_runs_and_respects_the_row_limit(
     assert client._service.core.stats.largest_batch_rows <= engine.MAX_BATCH_ROWS
 
 
+def test_batches_group_alike_lengths_within_the_prefill_cap(make_client: Any, calls: Calls) -> None:
+    """Interleaved short and long prompts, more rows than one batch holds: the engine puts the
+    short ones together and the long ones together (first-come order would pad every batch to
+    the long prompt), answers as single runs do, and a cap of one token batches nothing."""
+    requests = [
+        {
+            "messages": [{"role": "user", "content": "tell me more " * (40 if i % 2 else 1)}],
+            "max_tokens": 3,
+            "seed": i,
+        }
+        for i in range(2 * engine.MAX_BATCH_ROWS)
+    ]
+    client = make_client(limits=Limits(max_queue=64, batch_prefill_tokens=4096))
+    singles = [_texts(client.complete(**r)) for r in requests]
+    calls.appended.clear()
+    assert [_texts(r) for r in client.complete_batch(requests)] == singles
+    assert len(calls.appended) == 2  # two batched prefills
+    assert min(calls.appended) < 20 < 100 < max(calls.appended)  # a short batch, a long one
+    client.close()
+
+    solo = make_client(limits=Limits(max_queue=64, batch_prefill_tokens=1))
+    assert [_texts(r) for r in solo.complete_batch(requests[:4])] == singles[:4]
+    assert solo._service.core.stats.batched_requests == 0
+
+
 def test_a_short_request_is_not_starved_by_a_long_one(make_client: Any, calls: Calls) -> None:
     """It starts at once in a second batch and ends while the long one is still going."""
     client = make_client()
