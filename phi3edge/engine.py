@@ -286,8 +286,8 @@ class BatchItem:
 
 
 MAX_BATCH_ROWS = 16
-# Padded prompt tokens of one batched prefill: a single append the engine cannot pause, so a
-# server keeps it short; a batch job (phi3edge.batch) allows more, so long prompts share a batch.
+# Padded prompt tokens of one batched prefill: a single append the engine cannot pause, so it
+# stays short (Limits.batch_prefill_tokens; padding costs as much as real tokens, README).
 BATCH_PREFILL_TOKENS = 256
 
 

@@ -26,7 +26,7 @@ class Limits:
     max_queue: int = 16  # requests running or waiting for the model; more are refused (429)
     max_active_batches: int = 2  # batches that take turns on the engine
     # Padded prompt tokens of one batched prefill (rows x longest prompt): one model call that
-    # nothing else can interrupt, so a server keeps it short; batch jobs raise it.
+    # nothing else can interrupt (engine.BATCH_PREFILL_TOKENS).
     batch_prefill_tokens: int = 256
     time_budget_s: float | None = None  # per request, queueing included; None: no limit
 
