@@ -57,11 +57,19 @@ WINDOW = 2 * MAX_BATCH_ROWS
 # full-size Phi-3-mini ran the benchmark's 64 mixed requests at 0.44x of one at a time: the
 # padded tokens of mixed prompts cost as much as real ones, and prefill is compute-bound here.
 JOB_PREFILL_TOKENS = BATCH_PREFILL_TOKENS
+# What a batch of a job may waste on padding and filler steps (Limits.batch_padding_pct).
+JOB_PADDING_PCT: int | None = 25
 
 
-def job_limits(window: int = WINDOW, prefill_tokens: int = JOB_PREFILL_TOKENS) -> Limits:
+def job_limits(
+    window: int = WINDOW,
+    prefill_tokens: int = JOB_PREFILL_TOKENS,
+    padding_pct: int | None = JOB_PADDING_PCT,
+) -> Limits:
     """The limits of a model loaded for a batch job: ``window`` requests in flight."""
-    return Limits(max_queue=window, batch_prefill_tokens=prefill_tokens)
+    return Limits(
+        max_queue=window, batch_prefill_tokens=prefill_tokens, batch_padding_pct=padding_pct
+    )
 
 
 Raw = str | bytes | dict[str, Any]

@@ -50,15 +50,17 @@ class ChatPredictor:
         line_errors: bool = True,
         window: int = batch.WINDOW,
         prefill_tokens: int = batch.JOB_PREFILL_TOKENS,
+        padding_pct: int | None = batch.JOB_PADDING_PCT,
     ) -> None:
         """``skip_ids``: custom_ids already answered. ``line_errors``: answer rows that are not
         requests with an error row (False: drop them, when the caller reports them itself).
-        ``window`` and ``prefill_tokens``: as for a local job (``batch.job_limits``)."""
+        ``window``, ``prefill_tokens`` and ``padding_pct``: as for a local job
+        (``batch.job_limits``)."""
         self.window = window
         self.service = ChatService(
             model_dir,
             threads=threads or _assigned_cpus(),
-            limits=batch.job_limits(window, prefill_tokens),
+            limits=batch.job_limits(window, prefill_tokens, padding_pct),
         )
         self.extra_parameters = extra_parameters
         self.skip_ids = set(skip_ids)
@@ -104,6 +106,7 @@ def run(
     extra_parameters: str | None = None,
     window: int = batch.WINDOW,
     prefill_tokens: int = batch.JOB_PREFILL_TOKENS,
+    padding_pct: int | None = batch.JOB_PADDING_PCT,
 ) -> Iterator[dict[str, Any]]:
     """A Batch API JSONL file answered on a Ray cluster; yields output dicts as they arrive.
 
@@ -160,6 +163,7 @@ def run(
                     "line_errors": False,
                     "window": window,
                     "prefill_tokens": prefill_tokens,
+                    "padding_pct": padding_pct,
                 },
                 compute=ray.data.ActorPoolStrategy(size=actors),
                 num_cpus=cpus_per_actor,

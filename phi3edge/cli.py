@@ -239,7 +239,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from phi3edge.batch_file import OutputFile
 
     scanned = batch.scan(batch.read_file(args.input))  # duplicates: refused before anything runs
-    limits = batch.job_limits(args.window, args.batch_prefill_tokens)  # nonsense: refused here
+    # nonsense values: refused here
+    limits = batch.job_limits(args.window, args.batch_prefill_tokens, args.batch_padding)
     with OutputFile(args.output) as out:
         if out.truncated_bytes:
             _progress(
@@ -272,6 +273,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
                 extra_parameters=args.extra_parameters,
                 window=args.window,
                 prefill_tokens=args.batch_prefill_tokens,
+                padding_pct=args.batch_padding,
             )
         else:
             results = batch.run(
@@ -353,6 +355,22 @@ class _CtrlC:
         signal.signal(signal.SIGINT, self._old)
 
 
+BATCH_PADDING_HELP = (
+    "the most a batch may waste on padding to its longest prompt and on steps after a row's "
+    "max_tokens, in percent of its real work; 'none': no cap"
+)
+
+
+def _count_or_none(text: str) -> int | None:
+    """An integer flag value, or 'none' (no limit); the limits themselves check the range."""
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', not {text!r}") from None
+
+
 _LIMIT_FLAGS = [  # (flag, field of phi3edge.limits.Limits, help)
     (
         "--max-tokens-limit",
@@ -370,7 +388,10 @@ _LIMIT_FLAGS = [  # (flag, field of phi3edge.limits.Limits, help)
         "padded prompt tokens (rows x longest prompt) of one batched prefill, which nothing "
         "interrupts; longer prompts run alone",
     ),
+    ("--batch-padding", "batch_padding_pct", BATCH_PADDING_HELP),
 ]
+# What the limits that may be None mean then.
+_NONE_SHOWN = {"max_prompt_tokens": "the model's context", "batch_padding_pct": "no cap"}
 
 
 def _limits(args: argparse.Namespace) -> Any:
@@ -388,8 +409,9 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("limits")
     for flag, name, text in _LIMIT_FLAGS:
         default = getattr(defaults, name)
-        shown = "the model's context" if default is None else "%(default)s"
-        group.add_argument(flag, dest=name, type=int, default=default, help=f"{text} ({shown})")
+        shown = _NONE_SHOWN[name] if default is None else "%(default)s"
+        kind = _count_or_none if name in _NONE_SHOWN else int
+        group.add_argument(flag, dest=name, type=kind, default=default, help=f"{text} ({shown})")
     group.add_argument(
         "--time-budget",
         type=float,
@@ -583,6 +605,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         help="padded prompt tokens (rows x longest prompt) of one batched prefill; longer "
         "prompts run alone (default %(default)s)",
+    )
+    bat.add_argument(
+        "--batch-padding",
+        type=_count_or_none,
+        default=25,
+        metavar="PCT",
+        help=f"{BATCH_PADDING_HELP} (default %(default)s)",
     )
     bat.add_argument(
         "--extra-parameters",

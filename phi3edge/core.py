@@ -18,8 +18,9 @@ Scheduling (onnxruntime-genai cannot add rows to a running generator on CPU):
 - Waiting requests form a batch when one of ``max_active_batches`` slots is free and the oldest
   has waited ``BATCH_WINDOW_S`` (50 ms, so requests sent together arrive together): the oldest
   waiting request plus the others that fit with it (``engine.fits_in_batch``: rows, context,
-  ``Limits.batch_prefill_tokens`` of batched prefill), those of the most alike lengths first. A
-  request with a prompt too long to share runs alone and its prefill goes in 64-token chunks.
+  ``Limits.batch_prefill_tokens`` of batched prefill, ``Limits.batch_padding_pct`` of waste),
+  those of the most alike lengths first. A request with a prompt too long to share runs alone
+  and its prefill goes in 64-token chunks.
 - Active batches take turns one unit of work at a time (a prefill chunk or a decode step); the
   batch that has used the least engine time goes next. A short request arriving behind a long one
   therefore starts at once and shares the engine, instead of waiting for the long one to end.
@@ -569,9 +570,10 @@ class _EngineLoop:
         first (``engine.padding_cost``), so a batch wastes little on padding and filler steps."""
         chosen = [waiting.popleft()]
         anchor = chosen[0].item()
-        cap = self.limits.batch_prefill_tokens
+        cap, padding = self.limits.batch_prefill_tokens, self.limits.batch_padding_pct
         for unit in sorted(waiting, key=lambda u: engine.padding_cost(anchor, u.item())):
-            if engine.fits_in_batch(self.model, [u.item() for u in [*chosen, unit]], cap):
+            items = [u.item() for u in [*chosen, unit]]
+            if engine.fits_in_batch(self.model, items, cap, padding):
                 chosen.append(unit)
                 waiting.remove(unit)
         stats = self.stats

@@ -292,14 +292,18 @@ BATCH_PREFILL_TOKENS = 256
 
 
 def fits_in_batch(
-    model: LoadedModel, items: list[BatchItem], prefill_tokens: int = BATCH_PREFILL_TOKENS
+    model: LoadedModel,
+    items: list[BatchItem],
+    prefill_tokens: int = BATCH_PREFILL_TOKENS,
+    padding_pct: int | None = None,
 ) -> bool:
     """Whether ``items`` can run as one onnxruntime-genai batch (rows, context, prefill size).
 
     The one batching policy: the engine thread forms its batches with it. A single item always
     fits (its own prefill is chunked when it runs alone). A generator runs one adapter, so a
     batch's requests share theirs. ``prefill_tokens``: the cap on the batched prefill's padded
-    tokens (rows x longest prompt).
+    tokens (rows x longest prompt). ``padding_pct``: the cap on what the batch wastes
+    (``padded_work``), in percent of its real work; None: no cap.
     """
     if len(items) <= 1:
         return True
@@ -308,11 +312,27 @@ def fits_in_batch(
     rows = sum(i.cfg.n for i in items)
     longest = max(len(i.prompt.ids) for i in items)
     need = longest + max(i.prompt.max_new_tokens for i in items)
+    if padding_pct is not None:
+        padded, real = padded_work(items)
+        if padded * 100 > real * (100 + padding_pct):
+            return False
     return (
         rows <= MAX_BATCH_ROWS
         and need <= model.context_length
         and rows * (longest - 1) <= prefill_tokens
     )
+
+
+def padded_work(items: list[BatchItem]) -> tuple[int, int]:
+    """A batch's token positions as run and as asked: every row is as long as the longest
+    prompt plus the largest max_tokens (a static batch steps until its last row ends), against
+    the rows' own prompt plus max_tokens. Both cost alike, as prefill and batched decode run
+    at about the same tokens/s here (README, batch step costs)."""
+    longest = max(len(i.prompt.ids) for i in items)
+    steps = max(i.prompt.max_new_tokens for i in items)
+    padded = sum(i.cfg.n for i in items) * (longest + steps)
+    real = sum(i.cfg.n * (len(i.prompt.ids) + i.prompt.max_new_tokens) for i in items)
+    return padded, real
 
 
 def padding_cost(a: BatchItem, b: BatchItem) -> int:

@@ -28,6 +28,9 @@ class Limits:
     # Padded prompt tokens of one batched prefill (rows x longest prompt): one model call that
     # nothing else can interrupt (engine.BATCH_PREFILL_TOKENS).
     batch_prefill_tokens: int = 256
+    # What a batch may waste on padding and filler steps, in percent of its real work
+    # (engine.padded_work); None: no cap (a server's requests rarely use their whole max_tokens).
+    batch_padding_pct: int | None = None
     time_budget_s: float | None = None  # per request, queueing included; None: no limit
 
     def __post_init__(self) -> None:
@@ -43,6 +46,8 @@ class Limits:
                 raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1, not {self.max_prompt_tokens}")
+        if self.batch_padding_pct is not None and self.batch_padding_pct < 0:
+            raise ValueError(f"batch_padding_pct must be >= 0, not {self.batch_padding_pct}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ValueError(f"time_budget_s must be > 0, not {self.time_budget_s}")
         if self.max_n > MAX_N:

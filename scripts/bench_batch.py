@@ -2,19 +2,21 @@
 
 Usage: python scripts/bench_batch.py [--model DIR | --layers N] [--windows 1,2,4,8,16,32]
                                      [--active-batches 2] [--prefill-caps 4096]
+                                     [--paddings none,25]
                                      [--step-costs 1,2,4,8,16] [--step-prompt 128]
                                      [--requests 64] [--threads 2] [--repeats 1] [--out results]
 
 The model: an exported folder (``--model``), or the full-width random Phi-3-mini-4k INT4 with
 ``--layers`` decoder layers (built once and cached, like the other benchmarks; 32 is the real
-depth). One loaded model serves every measurement, side by side in one run:
+depth). The runs, side by side in one run:
 - one at a time: ``ChatService.complete`` for each request in turn (a plain loop);
-- ``phi3edge batch``: ``phi3edge.batch.run`` (the code behind the command) with each
-  ``--windows`` value as the number of requests in flight, and each ``--active-batches`` value
-  as the number of batches the engine runs at once (a second model copy is loaded per value);
-  the engine forms batches of the requests in flight (``engine.fits_in_batch``), and the table
-  reports the rows per batch it formed; each ``--prefill-caps`` value is a cap on a batched
-  prefill's padded tokens (``Limits.batch_prefill_tokens``; a model copy per value too).
+- ``phi3edge batch``: ``phi3edge.batch.run`` (the code behind the command) for each ``--windows``
+  value (requests in flight) under each combination of limits: ``--active-batches`` (batches
+  the engine runs at once, ``Limits.max_active_batches``), ``--prefill-caps`` (padded tokens of
+  a batched prefill, ``Limits.batch_prefill_tokens``) and ``--paddings`` (a batch's waste in
+  percent of its real work, ``Limits.batch_padding_pct``; ``none``: no cap). The engine forms
+  batches of the requests in flight (``engine.fits_in_batch``); the table reports the rows per
+  batch it formed. Each combination loads its own model copy, one at a time.
 ``--step-costs 1,2,4,8,16`` first times one batch of that many rows on the engine's batch path:
 its prefill and its decode step, so the best rows per batch can be read off.
 Requests: prompts of 10 to 200 words, 16 to 64 new tokens each (``--prompt-words``,
@@ -26,11 +28,13 @@ all of them alike) and each figure is the median.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +150,22 @@ def _figures(count: int, tokens: int, elapsed: float) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _loaded(model: Path, threads: int, limits: Limits, lines: list[str]) -> Iterator[ChatService]:
+    """A warmed-up model copy with ``limits``, closed after use: one copy in memory at a time
+    (full-size Phi-3-mini with two 16-row batches reaches about 10 GB)."""
+    service = ChatService(model, threads=threads, limits=limits)
+    try:
+        batched(service, lines[:4], window=4)  # warm-up
+        yield service
+    finally:
+        service.close()
+
+
+def _shown(padding: int | None) -> str:
+    return "none" if padding is None else str(padding)
+
+
 def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run of median time."""
     return sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
@@ -177,6 +197,12 @@ def main() -> None:
         default=str(batch.JOB_PREFILL_TOKENS),
         help="Limits.batch_prefill_tokens values to try (padded tokens of a batched prefill; "
         "default: a batch job's own value; a server's is 256)",
+    )
+    parser.add_argument(
+        "--paddings",
+        default=_shown(batch.JOB_PADDING_PCT),
+        help="Limits.batch_padding_pct values to try (a batch's waste in percent of its real "
+        "work; 'none': no cap; default: a batch job's own value)",
     )
     parser.add_argument(
         "--active-batches",
@@ -225,35 +251,36 @@ def main() -> None:
     windows = [int(w) for w in args.windows.split(",")]
     actives = [int(a) for a in args.active_batches.split(",")]
     caps = [int(c) for c in args.prefill_caps.split(",")]
+    paddings = [None if p == "none" else int(p) for p in args.paddings.split(",")]
     words = tuple(int(w) for w in args.prompt_words.split(","))
     answers = tuple(int(t) for t in args.answer_tokens.split(","))
     lines = requests(args.requests, prompt_words=words, answer_tokens=answers)
-    configs = [(w, a, c) for w in windows for a in actives for c in caps]
-    services = {
-        (a, c): ChatService(
-            model,
-            threads=args.threads,
-            limits=Limits(max_queue=max(windows), max_active_batches=a, batch_prefill_tokens=c),
+    limits = [
+        Limits(
+            max_queue=max(windows),
+            max_active_batches=a,
+            batch_prefill_tokens=c,
+            batch_padding_pct=p,
         )
         for a in actives
         for c in caps
-    }
-    try:
-        for service in services.values():
-            batched(service, lines[:4], window=4)  # warm-up
-        rounds: dict[str, list[dict[str, Any]]] = {}
-        for _ in range(args.repeats):
-            rounds.setdefault("solo", []).append(
-                one_at_a_time(services[actives[0], caps[0]], lines)
-            )
-            print(f"one at a time: {rounds['solo'][-1]}", flush=True)
-            for window, active, cap in configs:
-                key = f"{window} in flight, {active} active, prefill cap {cap}"
-                rounds.setdefault(key, []).append(batched(services[active, cap], lines, window))
-                print(f"{key}: {rounds[key][-1]}", flush=True)
-    finally:
-        for service in services.values():
-            service.close()
+        for p in paddings
+    ]
+    rounds: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(args.repeats):
+        with _loaded(model, args.threads, limits[0], lines) as service:
+            rounds.setdefault("solo", []).append(one_at_a_time(service, lines))
+        print(f"one at a time: {rounds['solo'][-1]}", flush=True)
+        for limit in limits:
+            with _loaded(model, args.threads, limit, lines) as service:
+                for window in windows:
+                    key = (
+                        f"{window} in flight, {limit.max_active_batches} active, prefill cap "
+                        f"{limit.batch_prefill_tokens}, padding cap "
+                        f"{_shown(limit.batch_padding_pct)}"
+                    )
+                    rounds.setdefault(key, []).append(batched(service, lines, window))
+                    print(f"{key}: {rounds[key][-1]}", flush=True)
     solo = _median(rounds["solo"])
     runs = {key: _median(found) for key, found in rounds.items() if key != "solo"}
     rows = [

@@ -413,6 +413,17 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(
     }
 
 
+def test_batch_flags_default_to_the_job_limits() -> None:
+    """`phi3edge batch`'s flag defaults are batch.job_limits' own; 'none' lifts the padding cap."""
+    from phi3edge.cli import build_parser
+
+    args = build_parser().parse_args(["batch", "model", "in.jsonl", "-o", "out.jsonl"])
+    flags = batch.job_limits(args.window, args.batch_prefill_tokens, args.batch_padding)
+    assert flags == batch.job_limits()
+    args = build_parser().parse_args(["batch", "m", "i", "-o", "o", "--batch-padding", "none"])
+    assert args.batch_padding is None
+
+
 def test_command_refuses_duplicates_without_touching_the_output(
     tiny_int4: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -432,6 +443,7 @@ def test_command_refuses_duplicates_without_touching_the_output(
     assert "is a directory" in capsys.readouterr().err
     for flags, words in [
         (["--batch-prefill-tokens", "0"], "batch_prefill_tokens must be >= 1"),
+        (["--batch-padding", "-5"], "batch_padding_pct must be >= 0"),
         (["--window", "0"], "max_queue must be >= 1"),
     ]:
         out = tmp_path / "limits.jsonl"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from phi3edge.cli import main
+from phi3edge.cli import build_parser, main
 
 
 def test_demo_builds_exports_and_answers(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -70,6 +70,7 @@ def test_usage_errors_exit_2(capsys) -> None:
         (["--max-queue", "0"], "max_queue must be >= 1"),
         (["--max-n", "17"], "max_n must be <= 16"),
         (["--batch-prefill-tokens", "0"], "batch_prefill_tokens must be >= 1"),
+        (["--batch-padding", "-1"], "batch_padding_pct must be >= 0"),
         (["--time-budget", "-1"], "time_budget_s must be > 0"),
         (["--allowed-host", ""], "allowed"),
     ],
@@ -79,3 +80,15 @@ def test_serve_refuses_nonsense_limits_before_loading(
 ) -> None:
     assert main(["serve", str(tmp_path / "no-model"), *flags]) == 2
     assert words in capsys.readouterr().err
+
+
+def test_only_limits_that_may_be_unset_take_none(capsys) -> None:
+    parser = build_parser()
+    args = parser.parse_args(
+        ["serve", "m", "--batch-padding", "none", "--max-prompt-tokens", "none"]
+    )
+    assert (args.batch_padding_pct, args.max_prompt_tokens) == (None, None)
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(["serve", "m", "--max-queue", "none"])
+    assert info.value.code == 2
+    assert "invalid int value: 'none'" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -23,6 +24,8 @@ import pytest
 
 from phi3edge import ApiError, ChatCompletionsClient, Limits, engine
 from phi3edge.engine import PREFILL_CHUNK
+from phi3edge.prompt import Prompt
+from phi3edge.schema import SamplingConfig
 from phi3edge.server import ServerSettings, create_app, running
 from phi3edge.service import ChatService
 
@@ -184,6 +187,48 @@ def test_batches_group_alike_lengths_within_the_prefill_cap(make_client: Any, ca
     solo = make_client(limits=Limits(max_queue=64, batch_prefill_tokens=1))
     assert [_texts(r) for r in solo.complete_batch(requests[:4])] == singles[:4]
     assert solo._service.core.stats.batched_requests == 0
+
+
+def test_a_padding_cap_keeps_unlike_lengths_apart(make_client: Any, calls: Calls) -> None:
+    """Four short and four long prompts fit one batch under a large prefill cap; with a padding
+    cap of 25 % they run as a short batch and a long one, and answer as single runs do."""
+    requests = [
+        {
+            "messages": [{"role": "user", "content": "tell me more " * (40 if i % 2 else 1)}],
+            "max_tokens": 3,
+            "seed": i,
+        }
+        for i in range(8)
+    ]
+    loose = make_client(limits=Limits(max_queue=64, batch_prefill_tokens=4096))
+    singles = [_texts(loose.complete(**r)) for r in requests]
+    calls.appended.clear()
+    assert [_texts(r) for r in loose.complete_batch(requests)] == singles
+    assert len(calls.appended) == 1  # one batched prefill, padded to the long prompts
+
+    capped = make_client(
+        limits=Limits(max_queue=64, batch_prefill_tokens=4096, batch_padding_pct=25)
+    )
+    calls.appended.clear()
+    assert [_texts(r) for r in capped.complete_batch(requests)] == singles
+    assert len(calls.appended) == 2
+    assert min(calls.appended) < 20 < 100 < max(calls.appended)
+
+
+def test_padded_work_counts_the_longest_prompt_and_the_largest_max_tokens() -> None:
+    """Rows x (longest prompt + largest max_tokens) against each row's own, worked by hand:
+    a request of n=2 with 10 prompt ids and 5 new tokens, and one of 4 ids and 20 new tokens,
+    run 3 rows x 30 = 90 positions for 2 x 15 + 24 = 54 asked (66.7 % waste)."""
+    items = [
+        engine.BatchItem(Prompt(list(range(10)), 5), SamplingConfig(n=2)),
+        engine.BatchItem(Prompt(list(range(4)), 20), SamplingConfig(n=1)),
+    ]
+    assert engine.padded_work(items) == (90, 54)
+    model: Any = SimpleNamespace(context_length=4096)
+    assert engine.fits_in_batch(model, items, 4096, padding_pct=None)
+    assert engine.fits_in_batch(model, items, 4096, padding_pct=67)
+    assert not engine.fits_in_batch(model, items, 4096, padding_pct=66)
+    assert not engine.fits_in_batch(model, items, 26, padding_pct=67)  # 3 rows x 9 > 26
 
 
 def test_a_short_request_is_not_starved_by_a_long_one(make_client: Any, calls: Calls) -> None:
