@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phi3edge.engine import BATCH_PREFILL_TOKENS, MAX_BATCH_ROWS
+from phi3edge.engine import MAX_BATCH_ROWS
 from phi3edge.errors import ApiError, bad_request, internal_error
 from phi3edge.limits import Limits
 from phi3edge.schema import ChatRequest, Route, parse_json, parse_request
@@ -53,11 +53,13 @@ CHAT_URLS: dict[str, Route] = {"/v1/chat/completions": "openai", "/chat/completi
 LINE_FIELDS = ("custom_id", "method", "url", "body")
 # Requests in flight: enough for two full batches (the engine runs up to two at once by default).
 WINDOW = 2 * MAX_BATCH_ROWS
-# The batched prefill's cap of a batch job: a server's. Raised to 4096 (16 rows of 256 tokens),
-# full-size Phi-3-mini ran the benchmark's 64 mixed requests at 0.44x of one at a time: the
-# padded tokens of mixed prompts cost as much as real ones, and prefill is compute-bound here.
-JOB_PREFILL_TOKENS = BATCH_PREFILL_TOKENS
-# What a batch of a job may waste on padding and filler steps (Limits.batch_padding_pct).
+# A batch job's caps on one batch: 1024 padded prefill tokens, and at most 25% of its work
+# wasted on padding and filler steps (Limits.batch_prefill_tokens, .batch_padding_pct). On
+# full-size Phi-3-mini, 64 mixed requests (docs/bench_batch_mixed.json) ran at 1.99x of one at a
+# time with these, 1.96x with a server's 256 and no padding cap, and 1.40x with 1024 and no
+# padding cap (mixed prompts padded to the longest cost as much as real tokens). A job has no
+# one waiting on a reply, so a longer uninterruptible prefill costs it nothing.
+JOB_PREFILL_TOKENS = 1024
 JOB_PADDING_PCT: int | None = 25
 
 

@@ -602,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument(
         "--batch-prefill-tokens",
         type=int,
-        default=256,
+        default=1024,
         help="padded prompt tokens (rows x longest prompt) of one batched prefill; longer "
         "prompts run alone (default %(default)s)",
     )
