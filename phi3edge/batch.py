@@ -55,7 +55,7 @@ LINE_FIELDS = ("custom_id", "method", "url", "body")
 WINDOW = 2 * MAX_BATCH_ROWS
 # A batch job's caps on one batch: 1024 padded prefill tokens, and at most 25% of its work
 # wasted on padding and filler steps (Limits.batch_prefill_tokens, .batch_padding_pct). On
-# full-size Phi-3-mini, 64 mixed requests (docs/bench_batch_mixed.json) ran at 1.99x of one at a
+# full-size Phi-3-mini, 64 mixed requests (docs/bench_batch_mixed.json) ran at 1.97x of one at a
 # time with these, 1.96x with a server's 256 and no padding cap, and 1.40x with 1024 and no
 # padding cap (mixed prompts padded to the longest cost as much as real tokens). A job has no
 # one waiting on a reply, so a longer uninterruptible prefill costs it nothing.
