@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -75,6 +76,11 @@ MAX_STOP = 4
 MAX_STOP_LENGTH = 256
 # The largest logit_bias key we parse (the engine then checks it against the vocabulary).
 MAX_TOKEN_ID = 2**31 - 1
+# Deepest [ / { nesting a JSON body may have. Checked before json.loads, whose C scanner recurses
+# once per level: near the interpreter's recursion limit a garbage collection that runs a
+# finalizer then fails inside it, where no handler can catch it. A chat request (response_format
+# schemas included) nests far less than this.
+MAX_JSON_DEPTH = 128
 
 
 # ----------------------------------------------------------------------------- request
@@ -316,17 +322,41 @@ def parse_json(raw: bytes | str) -> Any:
 
     NaN and Infinity are refused (they are not JSON, and no parameter takes them). The HTTP
     shim and batch files read bodies through here, so both refuse the same texts."""
+    if _nesting_depth(raw) > MAX_JSON_DEPTH:
+        raise bad_request(
+            f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep",
+            code="invalid_json",
+        )
     try:
         return json.loads(raw, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         detail = f"{exc.msg} (line {exc.lineno}, column {exc.colno})"
     except UnicodeDecodeError:
         detail = "it is not UTF-8 text"
-    except RecursionError:
-        detail = "it is nested too deeply"
     except ValueError as exc:  # NaN / Infinity, refused by _reject_constant
         detail = str(exc)
     raise bad_request(f"the request body is not valid JSON: {detail}", code="invalid_json")
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _nesting_depth(raw: bytes | str) -> int:
+    """How deep ``raw`` nests [ and { outside string literals, counted up to MAX_JSON_DEPTH + 1.
+
+    Without recursion, so a hostile body costs one scan. A body with few brackets (nearly every
+    request) skips the scan. Malformed text gets a depth too; json.loads then says what is wrong."""
+    text = raw.decode("latin-1") if isinstance(raw, bytes) else raw  # keeps every byte's place
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return 0
+    depth = deepest = 0
+    for bracket in _JSON_BRACKET.finditer(_JSON_STRING.sub('""', text)):
+        depth += 1 if bracket.group() in "[{" else -1
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            break
+    return deepest
 
 
 def _reject_constant(name: str) -> Any:

@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 
 from phi3edge.errors import ApiError
-from phi3edge.schema import MAX_STOP, MAX_STOP_LENGTH, parse_request, reject_unpaired_surrogates
+from phi3edge.schema import (
+    MAX_JSON_DEPTH,
+    MAX_STOP,
+    MAX_STOP_LENGTH,
+    parse_json,
+    parse_request,
+    reject_unpaired_surrogates,
+)
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -394,3 +401,24 @@ def test_a_million_messages_are_refused_before_any_per_item_work() -> None:
     assert (error.status, error.param) == (400, "messages") and str(MAX_MESSAGES) in error.message
     bad = _error({"messages": [{}] * MAX_MESSAGES})  # under the cap: stops at the first bad one
     assert bad.param == "messages[0].role"
+
+
+def _nested(levels: int) -> str:
+    return '{"a": ' * (levels - 1) + "[]" + "}" * (levels - 1)
+
+
+def test_json_nesting_is_capped_before_the_parser_recurses() -> None:
+    value = parse_json(_nested(MAX_JSON_DEPTH).encode())
+    for _ in range(MAX_JSON_DEPTH - 1):
+        value = value["a"]
+    assert value == []
+    for raw in (_nested(MAX_JSON_DEPTH + 1).encode(), "[" * 100_000 + "]" * 100_000):
+        with pytest.raises(ApiError) as info:
+            parse_json(raw)
+        assert (info.value.status, info.value.code) == (400, "invalid_json")
+        assert f"more than {MAX_JSON_DEPTH} levels" in info.value.message
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    text = '"\\"' + "[{" * MAX_JSON_DEPTH + '"'  # an escaped quote does not end the string
+    assert parse_json(f'{{"content": {text}}}'.encode()) == {"content": json.loads(text)}
