@@ -51,16 +51,18 @@ log = logging.getLogger(__name__)
 # The Batch API's chat-completions urls and the server route whose rules check their bodies.
 CHAT_URLS: dict[str, Route] = {"/v1/chat/completions": "openai", "/chat/completions": "azure"}
 LINE_FIELDS = ("custom_id", "method", "url", "body")
-# Requests in flight: enough for two full batches (the engine runs up to two at once by default).
-WINDOW = 2 * MAX_BATCH_ROWS
-# A batch job's caps on one batch: 1024 padded prefill tokens, and at most 25% of its work
+# Requests in flight: four full batches' worth, so the engine finds alike lengths to batch
+# together (the engine runs up to two batches at once by default).
+WINDOW = 4 * MAX_BATCH_ROWS
+# A batch job's caps on one batch: 1024 padded prefill tokens, and at most 10% of its work
 # wasted on padding and filler steps (Limits.batch_prefill_tokens, .batch_padding_pct). On
-# full-size Phi-3-mini, 64 mixed requests (docs/bench_batch_mixed.json) ran at 1.97x of one at a
-# time with these, 1.96x with a server's 256 and no padding cap, and 1.40x with 1024 and no
-# padding cap (mixed prompts padded to the longest cost as much as real tokens). A job has no
-# one waiting on a reply, so a longer uninterruptible prefill costs it nothing.
+# full-size Phi-3-mini, 64 mixed requests ran side by side in one run at 2.28x of one at a time
+# with these, 2.21x with a 25% padding cap, 2.19x / 2.14x with 32 in flight
+# (docs/bench_batch_padding.json); with 1024 and no padding cap at 1.40x (mixed prompts padded to
+# the longest cost as much as real tokens; docs/bench_batch_mixed.json). A job has no one waiting
+# on a reply, so a longer uninterruptible prefill costs it nothing.
 JOB_PREFILL_TOKENS = 1024
-JOB_PADDING_PCT: int | None = 25
+JOB_PADDING_PCT: int | None = 10
 
 
 def job_limits(

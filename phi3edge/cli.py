@@ -595,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument(
         "--window",
         type=int,
-        default=32,
+        default=64,
         help="requests in flight at once; the engine batches them, the most alike lengths "
         "together (default %(default)s)",
     )
@@ -609,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument(
         "--batch-padding",
         type=_count_or_none,
-        default=25,
+        default=10,
         metavar="PCT",
         help=f"{BATCH_PADDING_HELP} (default %(default)s)",
     )

@@ -23,8 +23,10 @@ from phi3edge.schema import SamplingConfig
 
 def random_checkpoint(member: str = "phi-3-mini-4k", layers: int | None = None) -> Path:
     """Where ``full_model`` keeps the full-width random checkpoint of ``member`` (``layers``
-    deep when given); the exports and other formats of it are named after it."""
-    depth = f"-{layers}layers" if layers else ""
+    deep when given; the real depth names the same checkpoint as none); the exports and other
+    formats of it are named after it."""
+    full_depth = fixtures.checkpoint_config(member, "full")["num_hidden_layers"]
+    depth = f"-{layers}layers" if layers and layers != full_depth else ""
     return cache_dir() / "bench" / f"full-{member}{depth}-random"
 
 
