@@ -38,6 +38,14 @@ JSON_DEFAULTS: dict[str, Any] = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,32
 ANY_JSON_OBJECT: dict[str, Any] = {"type": "object"}
 
 
+# Appended to every Lark grammar (the last directive wins over a user's own). llguidance 1.9
+# "forces" bytes the grammar leaves no choice about, and then refuses a token lexeme ``<[id]>``
+# whose token is a single byte even though its mask allowed it (a grammar ``start: <[339]>``
+# failed mid-answer). We never use forced tokens, only the mask, so turning forcing off costs
+# nothing here.
+NO_FORCING = '\n%llguidance {"no_forcing": true}\n'
+
+
 @dataclass(frozen=True)
 class Grammar:
     """A compiled llguidance grammar and the request parameter it came from (for errors).
@@ -70,7 +78,8 @@ class Grammar:
     def from_lark(lark: str, param: str) -> Grammar:
         import llguidance
 
-        return Grammar("lark", llguidance.LLMatcher.grammar_from_lark(lark), param).checked()
+        text = llguidance.LLMatcher.grammar_from_lark(lark) + NO_FORCING
+        return Grammar("lark", text, param).checked()
 
     def checked(self, tokenizer: Any = None) -> Grammar:
         """This grammar, or a 400 with llguidance's reason (``tokenizer``: also check that the

@@ -266,6 +266,25 @@ def test_guided_regex_and_lark_grammar(client: ChatCompletionsClient) -> None:
         assert re.fullmatch(r"yes|no|maybe [1-9][0-9]?", answer.message.content)
 
 
+def test_a_grammar_of_token_ids_gives_exactly_those_tokens(
+    client: ChatCompletionsClient, tiny_int4: Path
+) -> None:
+    """llguidance's ``<[id]>`` lexemes, single-byte tokens among them (llguidance's forcing
+    refused those after its own mask allowed them: a 500 mid-answer)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tiny_int4 / "tokenizer.json"))
+    ids = tokenizer.encode("a fox, o", add_special_tokens=False).ids
+    assert any(len(tokenizer.id_to_token(i)) == 1 for i in ids), "no single-byte token here"
+    grammar = "start: " + " ".join(f"<[{i}]>" for i in ids)
+    for seed in range(3):
+        choice = client.complete(
+            messages=PROMPT, temperature=1.0, seed=seed, model_extras={"guided_grammar": grammar}
+        ).choices[0]
+        assert choice.finish_reason == "stop"
+        assert choice.message.content == tokenizer.decode(ids)
+
+
 def test_reported_logprobs_are_those_of_the_constrained_distribution(
     client: ChatCompletionsClient,
 ) -> None:
