@@ -26,8 +26,9 @@ raw onnxruntime-genai against our engine with every sampling feature on.
 
 --sections speculative [--model DIR]: decode tok/s of our engine with speculation off and on for
 (a) "copy": quote a passage of the prompt verbatim (random weights never copy by themselves, so
-the answer is held to the passage by a grammar, guided_grammar; greedy) and (b) "never_matching":
-sampling at temperature 1 from random weights, with acceptance and tokens per model call;
+the answer is held to the passage's own tokens by a grammar, guided_grammar; greedy) and (b)
+"never_matching": sampling at temperature 1 from random weights, with acceptance and tokens per
+model call;
 onnxruntime-genai's own loop with the same grammar, with and without its n-gram speculation, on
 (a); and the verify cost curve: the time of one k-token append (k = 1..8) after a 128-token
 prompt, from which the speedup at any acceptance rate can be read off.
@@ -398,11 +399,16 @@ def speculative_decode(args: argparse.Namespace, results: dict[str, float]) -> N
     folder = args.model or full_model()
     model = runtime.load(folder, threads=args.threads)
     no_end = {i: -100.0 for i in model.eos_ids}
-    lark = "start: " + json.dumps(COPY_PASSAGE)
-    quote = [32010, *model.tokenizer.encode("Quote exactly: " + COPY_PASSAGE), 32007, 32001]
+    # The answer is held to the passage's own tokens (llguidance's <[id]> lexemes), as a model
+    # that copies emits them: held to its text only, random weights pick other tokenizations of
+    # the same words, which no prompt-lookup draft can match (onnxruntime-genai's llguidance
+    # emits the canonical ones), so the two loops would not make the same tokens.
+    passage = [int(t) for t in model.tokenizer.encode(COPY_PASSAGE)]
+    lark = "start: " + " ".join(f"<[{t}]>" for t in passage)
+    quote = [32010, *model.tokenizer.encode("Quote exactly:"), *passage, 32007, 32001]
     grammar = Grammar.from_lark(lark, "guided_grammar")
     requests = {  # name: (prompt, config, onnxruntime-genai's grammar)
-        "copy": (quote, SamplingConfig(temperature=0.0, grammar=grammar), lark),
+        "copy": (quote, SamplingConfig(temperature=0.0, grammar=grammar), grammar.text),
         "never_matching": (
             prompt_ids(128),
             SamplingConfig(temperature=1.0, seed=1, logit_bias=no_end),
