@@ -19,9 +19,11 @@ method or url) gets ``response: null`` and ``error: {code, message, line}``. Nei
 Errors: ``BatchInputError`` for a file that cannot run as a whole (two lines with one
 ``custom_id``; bodies naming two different models): refused before anything runs.
 
-Why the model name is not checked per line: a cloud batch runs on one deployment and its files
-carry that deployment's name (``gpt-4o-mini``, ``REPLACE-WITH-MODEL-DEPLOYMENT-NAME``); here the
-model folder chosen for the job plays that part, and each response's ``model`` names it.
+The ``model`` of a body: a cloud batch runs on one deployment and its files carry that
+deployment's name (``gpt-4o-mini``, ``REPLACE-WITH-MODEL-DEPLOYMENT-NAME``); here the model
+folder chosen for the job plays that part, and each response's ``model`` names it. A name that
+is one of the model's LoRA adapters (``phi3edge adapter add``) selects that adapter for its line,
+as it does for a server request, so one file can mix the base and its fine-tunes.
 
 Memory stays flat for any file size: lines are read as they are needed, at most ``window``
 requests are in flight, and only the ``custom_id`` strings are kept (to refuse duplicates).
@@ -42,6 +44,7 @@ from typing import Any
 
 from phi3edge.engine import MAX_BATCH_ROWS
 from phi3edge.errors import ApiError, bad_request, internal_error
+from phi3edge.export import ExportError, Manifest
 from phi3edge.limits import Limits
 from phi3edge.schema import ChatRequest, Route, parse_json, parse_request
 from phi3edge.service import ChatService, PendingCompletion
@@ -167,9 +170,10 @@ class Scan:
     model: str | None = None
 
 
-def scan(lines: Iterable[Raw]) -> Scan:
+def scan(lines: Iterable[Raw], adapters: Sequence[str] = ()) -> Scan:
     """Read every line once, keeping only the custom_ids (and the model name); raise
-    ``BatchInputError`` for duplicate ids or bodies naming different models."""
+    ``BatchInputError`` for duplicate ids or bodies naming different models (``adapters``:
+    the names that select a LoRA adapter instead, which lines may mix)."""
     result = Scan(ids={})
     model_line = 0
     for number, raw in _numbered(lines):
@@ -185,8 +189,8 @@ def scan(lines: Iterable[Raw]) -> Scan:
                 f"line {number}; custom_ids must be unique (nothing was run)"
             )
         result.ids[line.custom_id] = number
-        model = line.body.get("model") if isinstance(line.body, dict) else None
-        if isinstance(model, str) and model:
+        model = deployment_name(line, adapters)
+        if model is not None:
             if result.model is None:
                 result.model, model_line = model, number
             elif model != result.model:
@@ -195,6 +199,34 @@ def scan(lines: Iterable[Raw]) -> Scan:
                     f"{model!r}; a batch runs one model (nothing was run)"
                 )
     return result
+
+
+def deployment_name(line: Line, adapters: Sequence[str]) -> str | None:
+    """The model a line's body names, unless that name selects one of ``adapters``: the cloud
+    deployment the file was written for, which every line must share."""
+    model = line.body.get("model") if isinstance(line.body, dict) else None
+    if not isinstance(model, str) or not model or _adapter(model, adapters):
+        return None
+    return model
+
+
+def _adapter(name: str | None, adapters: Sequence[str]) -> str | None:
+    """The adapter ``name`` selects (names match without regard to case, as on the server)."""
+    if not name:
+        return None
+    return next((a for a in adapters if a.lower() == name.lower()), None)
+
+
+def served_adapters(model: str | Path | Any) -> tuple[str, ...]:
+    """The LoRA adapters of ``model`` (a folder's manifest, or a loaded service's); () when the
+    folder cannot be read (loading it reports why)."""
+    if isinstance(model, (str, Path)):
+        try:
+            return tuple(Manifest.read(model).adapters)
+        except (OSError, ExportError):
+            return ()
+    service = model if isinstance(model, ChatService) else getattr(model, "_service", None)
+    return tuple(service.adapter_names) if isinstance(service, ChatService) else ()
 
 
 def read_file(path: str | Path) -> Iterator[bytes]:
@@ -249,9 +281,12 @@ def completion_tokens(output: dict[str, Any]) -> int:
 # ----------------------------------------------------------------------------- the job
 
 
-def prepare(line: Line, extra_parameters: str | None = None) -> ChatRequest:
+def prepare(
+    line: Line, extra_parameters: str | None = None, adapters: Sequence[str] = ()
+) -> ChatRequest:
     """The line's body validated by the server's schema code for its route (``ApiError`` as the
-    server would answer), ready for a model that plays the file's named model."""
+    server would answer), ready for a model that plays the file's named model: the ``model``
+    stays only when it selects one of ``adapters``."""
     assert line.route is not None
     request = parse_request(
         line.body,
@@ -260,7 +295,7 @@ def prepare(line: Line, extra_parameters: str | None = None) -> ChatRequest:
     )
     if request.stream:
         raise bad_request("a batch job cannot stream; leave stream out or false", "stream")
-    return request.model_copy(update={"model": None})
+    return request.model_copy(update={"model": _adapter(request.model, adapters)})
 
 
 def run(
@@ -288,12 +323,13 @@ def run(
     """
     if window < 1:
         raise ValueError(f"window must be >= 1, not {window}")
+    adapters = served_adapters(model)
     if isinstance(requests, (str, Path)):
         path = requests
-        scan(read_file(path))
+        scan(read_file(path), adapters)
         lines: Iterable[Raw] = read_file(path)
     elif isinstance(requests, Sequence):
-        scan(requests)
+        scan(requests, adapters)
         lines = requests
     else:
         lines = requests
@@ -340,6 +376,7 @@ class _Job:
         self.window = window
         self.seen: set[str] = set()
         self.model_name: str | None = None
+        self.adapters = service.adapter_names
 
     def answer(
         self, lines: Iterable[Raw], skip_ids: set[str], skip_lines: set[int]
@@ -355,7 +392,7 @@ class _Job:
                     yield error_line(line)
                     continue
                 try:
-                    request = prepare(line, self.extra_parameters)
+                    request = prepare(line, self.extra_parameters, self.adapters)
                 except ApiError as exc:
                     yield response_line(line.custom_id, exc.status, exc.as_dict())
                     continue
@@ -392,8 +429,8 @@ class _Job:
                 f"custom_id {line.custom_id!r} appears twice (again on line {line.number})"
             )
         self.seen.add(line.custom_id)
-        model = line.body.get("model") if isinstance(line.body, dict) else None
-        if isinstance(model, str) and model:
+        model = deployment_name(line, self.adapters)
+        if model is not None:
             if self.model_name is None:
                 self.model_name = model
             elif model != self.model_name:

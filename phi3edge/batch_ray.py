@@ -121,7 +121,8 @@ def run(
 
     path = Path(path).resolve()
     model_dir = str(Path(model_dir).resolve())
-    batch.scan(batch.read_file(path))  # duplicates and mixed models: refused before Ray starts
+    # duplicates and mixed models: refused before Ray starts
+    batch.scan(batch.read_file(path), batch.served_adapters(model_dir))
     skip_ids, skip_lines = set(skip_ids), set(skip_lines)
 
     def answer() -> Iterator[dict[str, Any]]:

@@ -238,7 +238,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from phi3edge import batch
     from phi3edge.batch_file import OutputFile
 
-    scanned = batch.scan(batch.read_file(args.input))  # duplicates: refused before anything runs
+    # duplicates and mixed models: refused before anything runs
+    scanned = batch.scan(batch.read_file(args.input), batch.served_adapters(args.model))
     # nonsense values: refused here
     limits = batch.job_limits(args.window, args.batch_prefill_tokens, args.batch_padding)
     with OutputFile(args.output) as out:

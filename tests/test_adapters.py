@@ -267,6 +267,40 @@ def test_complete_batch_groups_requests_by_adapter(
     assert stats.batches - before == 3  # terse x2, base x2, pirate: one generator per adapter
 
 
+def test_a_batch_file_selects_adapters_by_model(
+    fp32_dir: Path, greedy: dict[str | None, str], tmp_path: Path
+) -> None:
+    """Batch API lines whose body's model names an adapter run it (one file mixes them); the
+    others, naming the file's one cloud deployment or nothing, run the base."""
+    from phi3edge import batch
+
+    names = ["gpt-4o-mini", "terse", None, "PIRATE", "terse"]
+    lines = [
+        {
+            "custom_id": f"r{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "messages": HELLO,
+                "temperature": 0,
+                "max_tokens": MAX_TOKENS,
+                **({"model": name} if name else {}),
+            },
+        }
+        for i, name in enumerate(names)
+    ]
+    path = tmp_path / "requests.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    bodies = {o["custom_id"]: o["response"]["body"] for o in batch.run(fp32_dir, path, threads=1)}
+    for i, name in enumerate(names):
+        adapter = name.lower() if name in ("terse", "PIRATE") else None
+        assert bodies[f"r{i}"]["choices"][0]["message"]["content"] == greedy[adapter], name
+        assert bodies[f"r{i}"]["model"] == (adapter or BASE_NAME)
+    lines[2]["body"]["model"] = "gpt-4o"  # a second deployment: refused, adapters or not
+    with pytest.raises(batch.BatchInputError, match="gpt-4o"):
+        batch.run(fp32_dir, lines)
+
+
 def test_structured_output_under_an_adapter(client: Any) -> None:
     """The grammar mask and the adapter apply together (the mask is per request, not per model)."""
     regex = "(yes|no), [0-9]{3}"
