@@ -189,7 +189,7 @@ def scan(lines: Iterable[Raw], adapters: Sequence[str] = ()) -> Scan:
                 f"line {number}; custom_ids must be unique (nothing was run)"
             )
         result.ids[line.custom_id] = number
-        model = deployment_name(line, adapters)
+        model = _deployment_name(line, adapters)
         if model is not None:
             if result.model is None:
                 result.model, model_line = model, number
@@ -201,7 +201,7 @@ def scan(lines: Iterable[Raw], adapters: Sequence[str] = ()) -> Scan:
     return result
 
 
-def deployment_name(line: Line, adapters: Sequence[str]) -> str | None:
+def _deployment_name(line: Line, adapters: Sequence[str]) -> str | None:
     """The model a line's body names, unless that name selects one of ``adapters``: the cloud
     deployment the file was written for, which every line must share."""
     model = line.body.get("model") if isinstance(line.body, dict) else None
@@ -429,7 +429,7 @@ class _Job:
                 f"custom_id {line.custom_id!r} appears twice (again on line {line.number})"
             )
         self.seen.add(line.custom_id)
-        model = deployment_name(line, self.adapters)
+        model = _deployment_name(line, self.adapters)
         if model is not None:
             if self.model_name is None:
                 self.model_name = model
