@@ -46,6 +46,7 @@ from phi3edge.engine import MAX_BATCH_ROWS
 from phi3edge.errors import ApiError, bad_request, internal_error
 from phi3edge.export import ExportError, Manifest
 from phi3edge.limits import Limits
+from phi3edge.runtime import adapter_named
 from phi3edge.schema import ChatRequest, Route, parse_json, parse_request
 from phi3edge.service import ChatService, PendingCompletion
 
@@ -205,16 +206,9 @@ def _deployment_name(line: Line, adapters: Sequence[str]) -> str | None:
     """The model a line's body names, unless that name selects one of ``adapters``: the cloud
     deployment the file was written for, which every line must share."""
     model = line.body.get("model") if isinstance(line.body, dict) else None
-    if not isinstance(model, str) or not model or _adapter(model, adapters):
+    if not isinstance(model, str) or not model or adapter_named(adapters, model):
         return None
     return model
-
-
-def _adapter(name: str | None, adapters: Sequence[str]) -> str | None:
-    """The adapter ``name`` selects (names match without regard to case, as on the server)."""
-    if not name:
-        return None
-    return next((a for a in adapters if a.lower() == name.lower()), None)
 
 
 def served_adapters(model: str | Path | Any) -> tuple[str, ...]:
@@ -225,8 +219,8 @@ def served_adapters(model: str | Path | Any) -> tuple[str, ...]:
             return tuple(Manifest.read(model).adapters)
         except (OSError, ExportError):
             return ()
-    service = model if isinstance(model, ChatService) else getattr(model, "_service", None)
-    return tuple(service.adapter_names) if isinstance(service, ChatService) else ()
+    service = _given_service(model)
+    return tuple(service.adapter_names) if service is not None else ()
 
 
 def read_file(path: str | Path) -> Iterator[bytes]:
@@ -295,7 +289,7 @@ def prepare(
     )
     if request.stream:
         raise bad_request("a batch job cannot stream; leave stream out or false", "stream")
-    return request.model_copy(update={"model": _adapter(request.model, adapters)})
+    return request.model_copy(update={"model": adapter_named(adapters, request.model)})
 
 
 def run(
@@ -357,12 +351,18 @@ def _run(
             service.close()
 
 
-def _service(model: Any, threads: int | None, limits: Limits) -> tuple[ChatService, bool]:
+def _given_service(model: Any) -> ChatService | None:
+    """``model`` when it is a ``ChatService``, a ``ChatCompletionsClient``'s service, else None."""
     if isinstance(model, ChatService):
-        return model, False
+        return model
     inner = getattr(model, "_service", None)  # a ChatCompletionsClient
-    if isinstance(inner, ChatService):
-        return inner, False
+    return inner if isinstance(inner, ChatService) else None
+
+
+def _service(model: Any, threads: int | None, limits: Limits) -> tuple[ChatService, bool]:
+    given = _given_service(model)
+    if given is not None:
+        return given, False
     return ChatService(model, threads=threads, limits=limits), True
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,9 +96,14 @@ class LoadedModel:
 
     def adapter_named(self, name: str | None) -> str | None:
         """The adapter a request's ``model`` names (any case), or None for the base model."""
-        if not name:
-            return None
-        return next((a for a in self.adapter_names if a.lower() == name.lower()), None)
+        return adapter_named(self.adapter_names, name)
+
+
+def adapter_named(adapter_names: Sequence[str], name: str | None) -> str | None:
+    """The one of ``adapter_names`` that ``name`` names (any case), or None."""
+    if not name:
+        return None
+    return next((a for a in adapter_names if a.lower() == name.lower()), None)
 
 
 def _kv_bytes_per_token(decoder: dict[str, Any]) -> int:
