@@ -64,16 +64,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from phi3edge.export import Int4Options, export
+    from phi3edge.export import ExportError, Int4Options, export
 
-    int4 = Int4Options(
-        block_size=args.block_size,
-        accuracy_level=args.accuracy_level,
-        lm_head=args.lm_head,
-        embeddings=args.embeddings,
-        method=args.quant_method,
-        symmetric=False if args.asymmetric else None,
-    )
+    given = {
+        "block_size": args.block_size,
+        "accuracy_level": args.accuracy_level,
+        "lm_head": args.lm_head,
+        "embeddings": args.embeddings,
+        "method": args.quant_method,
+        "symmetric": False if args.asymmetric else None,
+        "int8_matmuls": tuple(args.int8_matmul) or None,
+    }
+    given = {name: value for name, value in given.items() if value is not None}
+    if given and args.precision != "int4":
+        raise ExportError(f"INT4 layout options apply to --precision int4, not {args.precision}")
+    # None: the member's recommended layout; any option: a layout from those, plain otherwise
+    int4 = Int4Options(**given) if given else None
     export(
         args.source,
         args.out,
@@ -436,27 +442,41 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=None)
     demo.set_defaults(func=cmd_demo)
 
-    exp = sub.add_parser("export", help="Hugging Face checkpoint -> INT4/fp32 ONNX folder")
+    exp = sub.add_parser(
+        "export",
+        help="Hugging Face checkpoint -> INT4/fp32 ONNX folder",
+        description="Without INT4 layout options, Phi-3-mini, Phi-3-medium and Phi-3.5-mini get "
+        "the recommended layout: k_quant_mixed at block 128 with every o_proj and down_proj at "
+        "int8 (Phi-3-small and Phi-3.5-MoE: rtn at block 32). Any layout option describes the "
+        "layout instead, each option not given taking its plain value (rtn, block 32, accuracy "
+        "level 4, int4 lm_head, fp32 embeddings, no int8 MatMuls).",
+    )
     exp.add_argument("source", help="checkpoint folder or hub id (owner/name)")
     exp.add_argument("out", help="output folder (must not exist or be empty)")
     exp.add_argument("--precision", choices=["int4", "fp32"], default="int4")
-    exp.add_argument("--block-size", type=int, default=32, help="INT4 quantization block size")
+    exp.add_argument("--block-size", type=int, help="INT4 quantization block size (plain: 32)")
     exp.add_argument(
         "--accuracy-level",
         type=int,
-        default=4,
-        help="INT4 MatMul activations: 4 int8 (fastest on CPU), 1 fp32",
+        help="INT4 MatMul activations: 4 int8 (plain; fastest on CPU), 1 fp32",
     )
-    exp.add_argument("--lm-head", choices=["int4", "int8", "fp32"], default="int4")
-    exp.add_argument("--embeddings", choices=["fp32", "int4"], default="fp32")
+    exp.add_argument("--lm-head", choices=["int4", "int8", "fp32"], help="plain: int4")
+    exp.add_argument("--embeddings", choices=["fp32", "int4"], help="plain: fp32")
     exp.add_argument(
         "--quant-method",
         choices=["rtn", "k_quant", "k_quant_last", "k_quant_mixed"],
-        default="rtn",
         help="how INT4 blocks are rounded: rtn (round to nearest), k_quant (llama.cpp's k-quant "
         "search for each block's scale and minimum), k_quant_last (also an int8 lm_head), "
         "k_quant_mixed (also int8 for the lm_head and the MatMuls llama.cpp's Q4_K_M keeps "
-        "at higher precision)",
+        "at higher precision); plain: rtn",
+    )
+    exp.add_argument(
+        "--int8-matmul",
+        action="append",
+        default=[],
+        choices=["qkv_proj", "o_proj", "down_proj"],
+        help="keep this MatMul at int8 in every layer (repeat for more; k_quant methods only; "
+        "Phi-3-mini, Phi-3-medium, Phi-3.5-mini)",
     )
     exp.add_argument(
         "--asymmetric",

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from phi3edge import catalog, phimoe_builder
+from phi3edge import catalog, kquant, phimoe_builder
 
 if TYPE_CHECKING:
     from phi3edge.streaming_export import StreamStats
@@ -41,6 +41,7 @@ DEFAULT_BLOCK_SIZE = 32
 ACCURACY_LEVELS = (1, 2, 3, 4)  # MatMulNBits activations: 1 fp32, 2 fp16, 3 bf16, 4 int8
 LM_HEADS = ("int4", "int8", "fp32")
 EMBEDDINGS = ("fp32", "int4")
+PHI3 = "Phi3ForCausalLM"  # Phi-3-mini, Phi-3-medium, Phi-3.5-mini
 SMALL = "Phi3SmallForCausalLM"  # exported through phi3edge.phi3_small (imports torch: lazily)
 MOE_EXPERTS = ("int4", "int8")  # onnxruntime's CPU QMoE kernel has no float experts
 
@@ -51,14 +52,25 @@ MOE_EXPERTS = ("int4", "int8")  # onnxruntime's CPU QMoE kernel has no float exp
 # (first and last eighth of the layers and every third layer's qkv/down projections).
 METHODS = ("rtn", "k_quant", "k_quant_last", "k_quant_mixed")
 KEEPS_LM_HEAD_INT8 = ("k_quant_last", "k_quant_mixed")
+# The builder's mixed-precision presets each k-quant method stands for (its legacy aliases).
+METHOD_PRESETS = {
+    "k_quant": (),
+    "k_quant_last": ("last_matmul",),
+    "k_quant_mixed": ("last_matmul", "mixed_layers"),
+}
+# Per-layer MatMuls that ``int8_matmuls`` can keep at int8 in every layer (the builder's names).
+LAYER_MATMULS = {"qkv_proj": "attn", "o_proj": "attn", "down_proj": "mlp"}
 
 
 @dataclass(frozen=True)
 class Int4Options:
-    """How the INT4 export quantizes; the defaults were picked by ``scripts/bench_quant.py``.
+    """How the INT4 export quantizes. The field defaults are the plain layout (the builder's own,
+    ``PLAIN``); an export given no options gets ``default_int4``'s (``RECOMMENDED``, chosen by
+    ``scripts/bench_llamacpp.py``).
 
     ``symmetric``: RTN blocks without (True) or with (False) a zero point; None is the method's
     own layout (RTN symmetric; k-quant always stores a minimum per block, so it is asymmetric).
+    ``int8_matmuls``: per-layer MatMuls (``LAYER_MATMULS``) kept at int8 in every layer.
     """
 
     block_size: int = DEFAULT_BLOCK_SIZE
@@ -67,6 +79,7 @@ class Int4Options:
     embeddings: str = "fp32"
     method: str = "rtn"
     symmetric: bool | None = None
+    int8_matmuls: tuple[str, ...] = ()
 
     def check(self) -> None:
         for name, value, allowed in (
@@ -90,6 +103,16 @@ class Int4Options:
                 f"quant method {self.method} sets the lm_head to int8 itself; "
                 f"drop lm_head {self.lm_head!r} (or use quant method k_quant with it)"
             )
+        unknown = [name for name in self.int8_matmuls if name not in LAYER_MATMULS]
+        if unknown:
+            raise ExportError(
+                f"int8 MatMuls must be among {tuple(LAYER_MATMULS)}, not {', '.join(unknown)}"
+            )
+        if self.int8_matmuls and self.method == "rtn":
+            raise ExportError(
+                "int8 MatMuls need a k-quant method (the builder's rtn quantizer takes no "
+                "per-node bits)"
+            )
 
     @property
     def is_symmetric(self) -> bool:
@@ -100,12 +123,38 @@ class Int4Options:
         """What the manifest records: the options with the layout resolved (and the lm_head
         the method implies), so a reader need not know the methods' defaults."""
         lm_head = "int8" if self.method in KEEPS_LM_HEAD_INT8 else self.lm_head
-        return {**asdict(self), "symmetric": self.is_symmetric, "lm_head": lm_head}
+        return {
+            **asdict(self),
+            "symmetric": self.is_symmetric,
+            "lm_head": lm_head,
+            "int8_matmuls": list(self.int8_matmuls),
+        }
+
+    def builder_overrides(self, layers: int) -> list[dict[str, Any]] | None:
+        """The builder's per-node weight overrides (``target_options.quant_config.weights
+        .overrides``) when ``int8_matmuls`` asks for them, else None. Structured overrides
+        replace the method's preset list, so the presets are spelled out here too."""
+        if not self.int8_matmuls:
+            return None
+        overrides = [
+            {"match": {"preset": preset}, "type": "int8"} for preset in METHOD_PRESETS[self.method]
+        ]
+        for name in self.int8_matmuls:
+            overrides += [
+                {
+                    "match": {"name": f"/model/layers.{i}/{LAYER_MATMULS[name]}/{name}/MatMul"},
+                    "type": "int8",
+                }
+                for i in range(layers)
+            ]
+        return overrides
 
     def builder_options(self) -> list[str]:
         """The builder's KEY=VALUE extra options for these choices."""
         options = [f"block_size={self.block_size}", f"accuracy_level={self.accuracy_level}"]
-        if self.method != "rtn":  # rtn is the builder's "default" quantizer: no algo_config
+        if self.int8_matmuls:  # the method's presets are in builder_overrides
+            options.append("algo_config=k_quant")
+        elif self.method != "rtn":  # rtn is the builder's "default" quantizer: no algo_config
             options.append(f"algo_config={self.method}")
         elif not self.is_symmetric:
             options.append("is_symmetric=false")
@@ -116,6 +165,22 @@ class Int4Options:
         if self.embeddings == "int4":
             options.append("op_types_to_quantize=MatMul/Gather")
         return options
+
+
+# The INT4 layout of an export given none (chosen by scripts/bench_llamacpp.py; README): k-quant
+# at block 128, int8 for the lm_head and llama.cpp Q4_K_M's layers (the builder's k_quant_mixed),
+# and int8 for every layer's o_proj and down_proj.
+RECOMMENDED = Int4Options(
+    block_size=128, method="k_quant_mixed", int8_matmuls=("o_proj", "down_proj")
+)
+PLAIN = Int4Options()  # RTN, block 32: what the builder does by default
+
+
+def default_int4(architecture: str) -> Int4Options:
+    """The layout of an export given no INT4 options: RECOMMENDED for Phi3ForCausalLM (Phi-3-mini,
+    Phi-3-medium, Phi-3.5-mini), where it was measured; PLAIN for Phi-3-small and Phi-3.5-MoE,
+    whose graphs name their MatMuls otherwise and where it was not."""
+    return RECOMMENDED if architecture == PHI3 else PLAIN
 
 
 class ExportError(RuntimeError):
@@ -181,9 +246,8 @@ def export(
     out = Path(out).absolute()
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    int4 = int4 or Int4Options()
-    if precision == "int4":
-        int4.check()
+    if precision == "int4" and int4 is not None:
+        int4.check()  # before the checkpoint is read: a bad option fails at once
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"output {out} already exists and is not an empty folder")
 
@@ -205,6 +269,7 @@ def export(
     if not member.exports_on_cpu:
         raise ExportError(f"{member.id} cannot be exported for CPU: {member.cpu_note}")
     is_moe = member.architecture in phimoe_builder.ARCHITECTURES
+    int4 = int4 or default_int4(member.architecture)
     if moe_experts is not None and not is_moe:
         raise ExportError(f"--moe-experts applies to Phi-3.5-MoE only, not to {member.id}")
     if is_moe:
@@ -236,6 +301,10 @@ def export(
         lora.check_before_export(adapters, member.id, config)
     if precision == "int4":
         _check_k_quant_blocks(int4, config)
+        if int4.int8_matmuls and member.architecture != PHI3:
+            raise ExportError(
+                f"int8 MatMuls are for Phi-3-mini, Phi-3-medium and Phi-3.5-mini, not {member.id}"
+            )
     experts_note = f", experts {moe_experts}" if is_moe else ""
     say(f"exporting {member.id} from {source_dir} to {precision} ONNX{experts_note}")
 
@@ -243,7 +312,14 @@ def export(
         options = int4.builder_options() if precision == "int4" else []
         if is_moe:
             options += [f"moe_quant_type={moe_experts}", f"qmoe_block_size={int4.block_size}"]
-        _run_builder(source_dir, staging, precision, options, say, member.architecture)
+        overrides = (
+            int4.builder_overrides(int(config["num_hidden_layers"]))
+            if precision == "int4"
+            else None
+        )
+        _run_builder(source_dir, staging, precision, options, say, member.architecture, overrides)
+        if overrides:
+            _check_int8_matmuls(staging, int4.int8_matmuls)
         checksum = source_checksum(source_dir)
         Manifest(
             catalog_id=member.id,
@@ -262,6 +338,24 @@ def export(
             lora.add(staging, name, peft_dir, say)
     say(f"done in {time.monotonic() - started:.1f} s: {out}")
     return out
+
+
+def _check_int8_matmuls(folder: Path, names: tuple[str, ...]) -> None:
+    """Every layer's ``names`` MatMuls came out int8: the builder skips an override naming no
+    node without a word, so a renamed node would otherwise quietly stay INT4."""
+    import onnx
+
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    for name in names:
+        bits = [
+            attribute.i
+            for node in graph.node
+            if node.op_type == "MatMulNBits" and f"/{name}/MatMul" in node.name
+            for attribute in node.attribute
+            if attribute.name == "bits"
+        ]
+        if not bits or any(b != 8 for b in bits):
+            raise ExportError(f"the builder did not keep every {name} MatMul at int8: {bits}")
 
 
 def _check_k_quant_blocks(int4: Int4Options, config: dict[str, Any]) -> None:
@@ -356,11 +450,12 @@ def _run_builder(
     options: list[str],
     say: Callable[[str], None],
     architecture: str,
+    overrides: list[dict[str, Any]] | None = None,
 ) -> StreamStats:
     """Run onnxruntime-genai's builder one checkpoint module at a time (``streaming_export``),
     turning its prints into progress lines; returns what the streaming did. Phi-3.5-MoE goes
     through our subclass of the builder; Phi-3-small through the builder patched to load our
-    reference model (no remote code)."""
+    reference model (no remote code). ``overrides``: per-node weight types for the builder."""
     from phi3edge.streaming_export import streaming
 
     builder = load_builder()
@@ -373,6 +468,7 @@ def _run_builder(
             _builder_output_as_progress(say),
             _quiet_quantizer_logs(),
             streaming(builder, Path(scratch), say) as stats,
+            kquant.parallel(),
             contextlib.ExitStack() as stack,
         ):
             if architecture in phimoe_builder.ARCHITECTURES:
@@ -384,8 +480,16 @@ def _run_builder(
                 from phi3edge.phi3_small_export import patched_builder
 
                 stack.enter_context(patched_builder(builder, source_dir))
+            target = {"quant_config": {"weights": {"overrides": overrides}}} if overrides else None
             extra = builder.parse_extra_options(
-                None, str(source_dir), str(out), precision, "cpu", cache_dir, options
+                None,
+                str(source_dir),
+                str(out),
+                precision,
+                "cpu",
+                cache_dir,
+                options,
+                target_options=target,
             )
             builder.create_model(
                 None, str(source_dir), str(out), precision, "cpu", cache_dir, **extra
@@ -436,7 +540,11 @@ class _NoProgressBars(io.TextIOBase):
 
 @contextlib.contextmanager
 def _quiet_quantizer_logs() -> Iterator[None]:
-    names = ("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.quantization")
+    names = (
+        "onnxruntime.quantization.matmul_nbits_quantizer",
+        "onnxruntime.quantization",
+        "neural_compressor",  # k-quant's "time consuming, consider cupy" line, once per MatMul
+    )
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

@@ -2,6 +2,7 @@
 
 Usage: python scripts/bench_export.py [--member phi-3-mini-4k] [--precision int4|fp32]
                                       [--layers N] [--compare REF] [--stock]
+                                      [--flags "--quant-method k_quant_mixed ..."]
 
 Builds (once, cached under PHI3EDGE_CACHE or ~/.cache/phi3edge/bench) a random checkpoint with the
 member's exact published architecture, then runs ``phi3edge export`` in a child process and reports
@@ -14,7 +15,8 @@ commit before the streaming export) for the old-vs-new figure; ``--stock`` runs 
 builder exactly as its CLI does (it needs about 3x the checkpoint in RAM: 23.9 GB for Phi-3-mini, so
 run nothing else meanwhile). Outputs are compared byte for byte. ``--layers N`` keeps the full
 width with N layers (Phi-3.5-MoE's 84 GB checkpoint does not fit on this disk; its per-layer cost is
-the difference between two depths).
+the difference between two depths). ``--flags``: more ``phi3edge export`` options, for both
+phi3edge runs (say, a k-quant method, to time the quantizer).
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ import filecmp
 import json
 import os
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import machine
 
 from phi3edge import fixtures
 from phi3edge.cli import cache_dir
@@ -126,6 +131,7 @@ def main() -> None:
     parser.add_argument("--compare", metavar="REF", help="also measure phi3edge export at REF")
     parser.add_argument("--stock", action="store_true", help="also measure the stock builder")
     parser.add_argument("--layers", type=int, help="full width, fewer layers")
+    parser.add_argument("--flags", default="", help="more phi3edge export options (one string)")
     args = parser.parse_args()
 
     depth = f"-{args.layers}layers" if args.layers else ""
@@ -137,7 +143,7 @@ def main() -> None:
         print(f"  {time.monotonic() - started:.0f} s")
     size_gb = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors")) / GB
 
-    flags = ["--precision", args.precision]
+    flags = ["--precision", args.precision, *shlex.split(args.flags)]
     ours = OURS.replace("*PRECISION", ", ".join(repr(f) for f in flags))
     stock = STOCK.replace("PRECISION", repr(args.precision))
     stock = stock.replace("OPTIONS", repr(["block_size=32"] if args.precision == "int4" else []))
@@ -168,7 +174,7 @@ def main() -> None:
     onnx_gb = rows[0][1]["output"]
     print(
         f"\n{args.member}{depth}: bf16 checkpoint {size_gb:.2f} GB -> {args.precision} ONNX folder "
-        f"{onnx_gb:.2f} GB"
+        f"{onnx_gb:.2f} GB{' (' + args.flags + ')' if args.flags else ''}; {machine()}"
     )
     head = f"{'exporter':<26}{'time':>7}{'peak RSS':>10}{'anon':>8}{'file':>8}"
     print(head + f"{'peak disk':>11}{'scratch':>9}")

@@ -1,7 +1,7 @@
 """phi3edge vs llama.cpp on the same random Phi-3-mini-4k weights, side by side in one run.
 
 Usage: python scripts/bench_llamacpp.py [--threads 2] [--repeats 3] [--out results/]
-                                        [--configs default,block128,...]
+                                        [--configs recommended,rtn,...]
 
 Needs llama-cpp-python, which has no wheel on PyPI for this platform; built from source with
 ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
@@ -10,7 +10,7 @@ Needs llama-cpp-python, which has no wheel on PyPI for this platform; built from
 ``scripts/gguf_from_checkpoint.py CHECKPOINT F16.gguf --quantize q4_0 q4_k_m``.
 Measures prefill tok/s (128-token prompt) and decode tok/s (64 tokens) for:
   - phi3edge (all sampling features on) on INT4 exports named as in scripts/bench_quant.py
-    (``--configs``; default: the default export and block 128);
+    (``--configs``; default: the recommended layout, plain rtn and rtn at block 128);
   - llama.cpp Q4_0 and Q4_K_M (``Llama.eval`` on the same token ids, greedy next token).
 Each figure is the median of --repeats runs; models are loaded one at a time. The cosine column
 compares each runtime's logits with transformers' float32 model at every position of a 64-token
@@ -86,7 +86,9 @@ def ours_run(folder: Path, threads: int, ids: list[int], repeats: int) -> tuple[
 def main() -> None:
     parser = bench_arguments(__doc__)
     parser.add_argument(
-        "--configs", default="default,block128", help="phi3edge layouts (bench_quant.py --list)"
+        "--configs",
+        default="recommended,rtn,block128",
+        help="phi3edge layouts (bench_quant.py --list)",
     )
     args = parser.parse_args()
     names = chosen_configs(args.configs)

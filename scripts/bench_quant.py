@@ -1,7 +1,7 @@
 """INT4 export options for CPU, measured on full-size random Phi-3-mini-4k: speed, size, accuracy.
 
 Usage: python scripts/bench_quant.py [--threads 2] [--repeats 3] [--keep] [--out results/]
-                                     [--configs default,k_quant,...] [--layers N] [--long 2000]
+                                     [--configs recommended,rtn,...] [--layers N] [--long 2000]
 
 For each option set (quantization method RTN / k-quant / k-quant with int8 lm_head / k-quant mixed
 like llama.cpp's Q4_K_M, symmetric vs asymmetric RTN, block size 32/64/128, accuracy level 4 vs 1,
@@ -25,13 +25,21 @@ from pathlib import Path
 import numpy as np
 from benchlib import bench_arguments, full_model, machine, random_checkpoint, table
 
-from phi3edge import runtime
+from phi3edge import export, runtime
 from phi3edge.benchmark import NO_END, prompt_ids, time_generation
 from phi3edge.schema import SamplingConfig
 
 # name (for --configs) -> (label in the table, export.Int4Options keyword arguments)
-CONFIGS: dict[str, tuple[str, dict[str, int | str | bool]]] = {
-    "default": ("block 32, accuracy 4, RTN symmetric (default)", {}),
+CONFIGS: dict[str, tuple[str, dict[str, int | str | bool | tuple[str, ...]]]] = {
+    "recommended": (
+        "k_quant_mixed, block 128, int8 o_proj + down_proj (the default)",
+        {
+            "method": export.RECOMMENDED.method,
+            "block_size": export.RECOMMENDED.block_size,
+            "int8_matmuls": export.RECOMMENDED.int8_matmuls,
+        },
+    ),
+    "rtn": ("rtn, block 32, accuracy 4 (the builder's plain layout)", {}),
     "block64": ("block 64", {"block_size": 64}),
     "block128": ("block 128", {"block_size": 128}),
     "accuracy1": ("accuracy level 1 (fp32 activations)", {"accuracy_level": 1}),
@@ -53,6 +61,10 @@ CONFIGS: dict[str, tuple[str, dict[str, int | str | bool]]] = {
         {"method": "k_quant_mixed", "block_size": 128},
     ),
     "k_quant_block128": ("k_quant, block 128", {"method": "k_quant", "block_size": 128}),
+    "k_quant_mixed_block128_down": (
+        "k_quant_mixed, block 128, int8 down_proj",
+        {"method": "k_quant_mixed", "block_size": 128, "int8_matmuls": ("down_proj",)},
+    ),
 }
 
 

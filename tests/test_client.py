@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -219,6 +220,21 @@ def test_logprobs_match_the_fp32_models_own_logits(tiny_fp32: Path) -> None:
         assert bytes(entry.bytes) == model.table.token_bytes(generated[step])
 
 
+def _assert_same_logprobs(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """The same tokens and alternatives, logprobs within 1e-5: at block 128 (the default layout)
+    ONNX Runtime's INT4 kernel rounds an odd-length chunk differently from an even one (about 1e-6
+    in the logits), and a reused prefix splits the prompt into other chunks than a cold prefill."""
+    assert [t["token"] for t in a["content"]] == [t["token"] for t in b["content"]]
+    for mine, theirs in zip(a["content"], b["content"], strict=True):
+        assert mine["logprob"] == pytest.approx(theirs["logprob"], abs=1e-5)
+        assert [t["token"] for t in mine["top_logprobs"]] == [
+            t["token"] for t in theirs["top_logprobs"]
+        ]
+        assert [t["logprob"] for t in mine["top_logprobs"]] == pytest.approx(
+            [t["logprob"] for t in theirs["top_logprobs"]], abs=1e-5
+        )
+
+
 def test_multi_turn_reuses_the_kv_cache_with_identical_results(tiny_int4: Path) -> None:
     cached = ChatCompletionsClient(tiny_int4, kv_cache_entries=1)
     cold = ChatCompletionsClient(tiny_int4, kv_cache_entries=0)
@@ -235,7 +251,7 @@ def test_multi_turn_reuses_the_kv_cache_with_identical_results(tiny_int4: Path) 
         }
         a, b = cached.complete(**kwargs), cold.complete(**kwargs)
         assert a.choices[0].message.content == b.choices[0].message.content
-        assert a.choices[0].logprobs.as_dict() == b.choices[0].logprobs.as_dict()
+        _assert_same_logprobs(a.choices[0].logprobs.as_dict(), b.choices[0].logprobs.as_dict())
         history.append({"role": "assistant", "content": a.choices[0].message.content})
     stats = cached._service.core.stats
     assert stats.prefix_hits == 3 and stats.prefix_reused_tokens > 3 * 20

@@ -20,13 +20,14 @@ def test_manifest_records_the_export(tiny_int4: Path, model_factory: Callable) -
     manifest = export.Manifest.read(tiny_int4)
     assert manifest.catalog_id == "phi-3-mini-4k"
     assert manifest.precision == "int4"
-    assert manifest.int4 == {
-        "block_size": 32,
+    assert manifest.int4 == {  # the recommended layout, the lm_head int8 by its method
+        "block_size": 128,
         "accuracy_level": 4,
-        "lm_head": "int4",
+        "lm_head": "int8",
         "embeddings": "fp32",
-        "method": "rtn",
-        "symmetric": True,
+        "method": "k_quant_mixed",
+        "symmetric": False,
+        "int8_matmuls": ["o_proj", "down_proj"],
     }
     assert manifest.context_length == 2048
     assert manifest.accepts_system_role is False
@@ -150,12 +151,20 @@ def test_progress_is_reported(tmp_path: Path, model_factory) -> None:
     assert lines[-1].startswith("done in")
 
 
-def _stock_export(checkpoint: Path, out: Path, precision: str, options: list[str]) -> Path:
-    """onnxruntime-genai's builder exactly as its CLI runs it (whole model in memory)."""
+def _stock_export(
+    checkpoint: Path,
+    out: Path,
+    precision: str,
+    options: list[str],
+    overrides: list[dict[str, Any]] | None = None,
+) -> Path:
+    """onnxruntime-genai's builder exactly as its CLI runs it (whole model in memory, onnxruntime's
+    own k-quant loop); ``overrides``: its ``--target_options`` per-node weight types."""
     builder = export.load_builder()
     cache = str(out.parent / f"{out.name}-cache")
+    target = {"quant_config": {"weights": {"overrides": overrides}}} if overrides else None
     extra = builder.parse_extra_options(
-        None, str(checkpoint), str(out), precision, "cpu", cache, options
+        None, str(checkpoint), str(out), precision, "cpu", cache, options, target_options=target
     )
     builder.create_model(None, str(checkpoint), str(out), precision, "cpu", cache, **extra)
     return out
@@ -170,6 +179,7 @@ def _assert_same_files(a: Path, b: Path) -> None:
 
 MIXED = export.Int4Options(lm_head="int8", embeddings="int4")
 K_QUANT_MIXED = export.Int4Options(method="k_quant_mixed", embeddings="int4", block_size=16)
+INT8_MATMULS = export.Int4Options(method="k_quant_mixed", int8_matmuls=("o_proj", "down_proj"))
 
 
 @pytest.mark.parametrize(
@@ -181,6 +191,7 @@ K_QUANT_MIXED = export.Int4Options(method="k_quant_mixed", embeddings="int4", bl
         ("int4", export.Int4Options(method="k_quant")),
         ("int4", export.Int4Options(method="k_quant_last")),
         ("int4", K_QUANT_MIXED),
+        ("int4", INT8_MATMULS),
         ("fp32", None),
     ],
     ids=[
@@ -190,6 +201,7 @@ K_QUANT_MIXED = export.Int4Options(method="k_quant_mixed", embeddings="int4", bl
         "k_quant",
         "k_quant_last",
         "k_quant_mixed-embeddings-int4-block16",
+        "k_quant_mixed-int8-o_proj-down_proj",
         "fp32",
     ],
 )
@@ -197,14 +209,19 @@ def test_streaming_export_is_byte_identical_to_the_stock_builder(
     tmp_path: Path, model_factory: Callable[..., Path], precision: str, int4: Any
 ) -> None:
     """Streaming the checkpoint module by module and quantizing each weight as it comes must not
-    change a single byte of the model (the int8 lm_head pass and int4 embeddings included)."""
+    change a single byte of the model (the int8 lm_head pass and int4 embeddings included), and
+    neither may our k-quant in pieces on every core (``phi3edge.kquant``)."""
     checkpoint = model_factory("phi-3-mini-4k")
     if int4 is None:
         ours = model_factory("phi-3-mini-4k", precision)  # the session's export
     else:
         ours = export.export(checkpoint, tmp_path / "ours", int4=int4, progress=lambda _: None)
-    options = (int4 or export.Int4Options()).builder_options() if precision == "int4" else []
-    _assert_same_files(_stock_export(checkpoint, tmp_path / "stock", precision, options), ours)
+    int4 = int4 or export.RECOMMENDED
+    options = int4.builder_options() if precision == "int4" else []
+    layers = json.loads((checkpoint / "config.json").read_text())["num_hidden_layers"]
+    overrides = int4.builder_overrides(layers) if precision == "int4" else None
+    stock = _stock_export(checkpoint, tmp_path / "stock", precision, options, overrides)
+    _assert_same_files(stock, ours)
 
 
 def _deeper_checkpoint(tiny: Path, out: Path, layers: int) -> Path:
