@@ -540,22 +540,24 @@ class _NoProgressBars(io.TextIOBase):
 
 @contextlib.contextmanager
 def _quiet_quantizer_logs() -> Iterator[None]:
-    names = (
-        "onnxruntime.quantization.matmul_nbits_quantizer",
-        "onnxruntime.quantization",
-        "neural_compressor",  # k-quant's "time consuming, consider cupy" line, once per MatMul
-    )
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
+    levels = {
+        "onnxruntime.quantization.matmul_nbits_quantizer": logging.WARNING,
+        "onnxruntime.quantization": logging.WARNING,
+        # k-quant's "time consuming, consider cupy" (INFO, once per MatMul) and "model size >
+        # 2GB, use a model path" (WARNING, about the builder's call, not the user's)
+        "neural_compressor": logging.ERROR,
+    }
+    loggers = {logging.getLogger(name): level for name, level in levels.items()}
+    before = {lg: lg.level for lg in loggers}
+    for lg, level in loggers.items():
+        lg.setLevel(level)
     original = sys.stderr
     sys.stderr = _NoProgressBars(original)  # per-tensor bars; our progress lines replace them
     try:
         yield
     finally:
         sys.stderr = original
-        for lg, level in zip(loggers, levels, strict=True):
+        for lg, level in before.items():
             lg.setLevel(level)
 
 

@@ -47,7 +47,12 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLED = """
 import json, os, sys, threading, time
 peak = {"RssAnon": 0, "RssFile": 0, "disk": 0}
-report, src, out, cache, work = sys.argv[1:6]
+report, src, out, cache, work, tree = sys.argv[1:7]
+# An editable install's import hook would answer "import phi3edge" before PYTHONPATH is looked at:
+# drop it, and check that the phi3edge this child runs is the tree it was given.
+sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("_editable_")]
+import phi3edge
+assert phi3edge.__file__.startswith(os.path.join(tree, "phi3edge")), (phi3edge.__file__, tree)
 def allocated(root):
     total = 0
     for folder, _, files in os.walk(root):
@@ -91,7 +96,7 @@ def run_child(code: str, src: Path, out: Path, work: Path, pythonpath: Path) -> 
     started = time.monotonic()
     program = SAMPLED.replace("CODE", code)
     argv = [sys.executable, "-c", program, str(report), str(src), str(out), str(work / "cache")]
-    argv.append(str(work))
+    argv += [str(work), str(pythonpath)]
     env = {**os.environ, "TMPDIR": str(work / "tmp"), "PYTHONPATH": str(pythonpath)}
     # cwd=work: ``python -c`` puts the cwd first on sys.path, which must not shadow ``pythonpath``
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=env, cwd=work)
