@@ -33,10 +33,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from benchlib import machine
 
-from phi3edge import fixtures
+from phi3edge import export, fixtures
 from phi3edge.cli import cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +81,8 @@ finally:
 OURS = "from phi3edge.cli import main; assert main(['export', src, out, *PRECISION]) == 0"
 STOCK = (
     "from phi3edge.export import load_builder; builder = load_builder(); "
-    "extra = builder.parse_extra_options(None, src, out, PRECISION, 'cpu', cache, OPTIONS); "
+    "extra = builder.parse_extra_options(None, src, out, PRECISION, 'cpu', cache, OPTIONS, "
+    "target_options=TARGET); "
     "builder.create_model(None, src, out, PRECISION, 'cpu', cache, **extra)"
 )
 GB = 1e9
@@ -119,6 +121,16 @@ def run_child(code: str, src: Path, out: Path, work: Path, pythonpath: Path) -> 
     }
 
 
+def stock_layout(checkpoint: Path) -> tuple[list[str], dict[str, Any] | None]:
+    """The builder options and target options that give ``phi3edge export``'s default INT4
+    layout for this checkpoint, so that the stock builder makes the same bytes."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    int4 = export.default_int4(config["architectures"][0])
+    overrides = int4.builder_overrides(config["num_hidden_layers"])
+    target = {"quant_config": {"weights": {"overrides": overrides}}} if overrides else None
+    return int4.builder_options(), target
+
+
 def checkout(ref: str, into: Path) -> Path:
     """The phi3edge package as it was at git ``ref``, extracted under ``into``."""
     into.mkdir(parents=True)
@@ -147,11 +159,15 @@ def main() -> None:
         fixtures.write_random_checkpoint(args.member, checkpoint, size="full", layers=args.layers)
         print(f"  {time.monotonic() - started:.0f} s")
     size_gb = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors")) / GB
+    default_layout = stock_layout(checkpoint)
 
     flags = ["--precision", args.precision, *shlex.split(args.flags)]
     ours = OURS.replace("*PRECISION", ", ".join(repr(f) for f in flags))
+    if args.stock and args.flags:
+        raise SystemExit("--stock runs the default layout only; drop --flags")
     stock = STOCK.replace("PRECISION", repr(args.precision))
-    stock = stock.replace("OPTIONS", repr(["block_size=32"] if args.precision == "int4" else []))
+    stock = stock.replace("OPTIONS", repr(default_layout[0] if args.precision == "int4" else []))
+    stock = stock.replace("TARGET", repr(default_layout[1] if args.precision == "int4" else None))
     runs: list[tuple[str, str, Path]] = [("phi3edge export", ours, REPO)]
     rows: list[tuple[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory(dir=checkpoint.parent) as tmp:
