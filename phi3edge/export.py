@@ -130,10 +130,10 @@ class Int4Options:
             "int8_matmuls": list(self.int8_matmuls),
         }
 
-    def builder_overrides(self, layers: int) -> list[dict[str, Any]] | None:
-        """The builder's per-node weight overrides (``target_options.quant_config.weights
-        .overrides``) when ``int8_matmuls`` asks for them, else None. Structured overrides
-        replace the method's preset list, so the presets are spelled out here too."""
+    def builder_target_options(self, layers: int) -> dict[str, Any] | None:
+        """The builder's ``target_options`` for a model of ``layers`` layers: per-node weight
+        overrides when ``int8_matmuls`` asks for them, else None. Structured overrides replace
+        the method's preset list, so the presets are spelled out here too."""
         if not self.int8_matmuls:
             return None
         overrides = [
@@ -147,12 +147,12 @@ class Int4Options:
                 }
                 for i in range(layers)
             ]
-        return overrides
+        return {"quant_config": {"weights": {"overrides": overrides}}}
 
     def builder_options(self) -> list[str]:
         """The builder's KEY=VALUE extra options for these choices."""
         options = [f"block_size={self.block_size}", f"accuracy_level={self.accuracy_level}"]
-        if self.int8_matmuls:  # the method's presets are in builder_overrides
+        if self.int8_matmuls:  # the method's presets are in builder_target_options
             options.append("algo_config=k_quant")
         elif self.method != "rtn":  # rtn is the builder's "default" quantizer: no algo_config
             options.append(f"algo_config={self.method}")
@@ -312,13 +312,13 @@ def export(
         options = int4.builder_options() if precision == "int4" else []
         if is_moe:
             options += [f"moe_quant_type={moe_experts}", f"qmoe_block_size={int4.block_size}"]
-        overrides = (
-            int4.builder_overrides(int(config["num_hidden_layers"]))
+        target = (
+            int4.builder_target_options(int(config["num_hidden_layers"]))
             if precision == "int4"
             else None
         )
-        _run_builder(source_dir, staging, precision, options, say, member.architecture, overrides)
-        if overrides:
+        _run_builder(source_dir, staging, precision, options, say, member.architecture, target)
+        if target:
             _check_int8_matmuls(staging, int4.int8_matmuls)
         checksum = source_checksum(source_dir)
         Manifest(
@@ -450,12 +450,13 @@ def _run_builder(
     options: list[str],
     say: Callable[[str], None],
     architecture: str,
-    overrides: list[dict[str, Any]] | None = None,
+    target_options: dict[str, Any] | None = None,
 ) -> StreamStats:
     """Run onnxruntime-genai's builder one checkpoint module at a time (``streaming_export``),
     turning its prints into progress lines; returns what the streaming did. Phi-3.5-MoE goes
     through our subclass of the builder; Phi-3-small through the builder patched to load our
-    reference model (no remote code). ``overrides``: per-node weight types for the builder."""
+    reference model (no remote code). ``target_options``: the builder's structured options
+    (``Int4Options.builder_target_options``)."""
     from phi3edge.streaming_export import streaming
 
     builder = load_builder()
@@ -480,7 +481,6 @@ def _run_builder(
                 from phi3edge.phi3_small_export import patched_builder
 
                 stack.enter_context(patched_builder(builder, source_dir))
-            target = {"quant_config": {"weights": {"overrides": overrides}}} if overrides else None
             extra = builder.parse_extra_options(
                 None,
                 str(source_dir),
@@ -489,7 +489,7 @@ def _run_builder(
                 "cpu",
                 cache_dir,
                 options,
-                target_options=target,
+                target_options=target_options,
             )
             builder.create_model(
                 None, str(source_dir), str(out), precision, "cpu", cache_dir, **extra

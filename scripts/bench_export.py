@@ -126,9 +126,7 @@ def stock_layout(checkpoint: Path) -> tuple[list[str], dict[str, Any] | None]:
     layout for this checkpoint, so that the stock builder makes the same bytes."""
     config = json.loads((checkpoint / "config.json").read_text())
     int4 = export.default_int4(config["architectures"][0])
-    overrides = int4.builder_overrides(config["num_hidden_layers"])
-    target = {"quant_config": {"weights": {"overrides": overrides}}} if overrides else None
-    return int4.builder_options(), target
+    return int4.builder_options(), int4.builder_target_options(config["num_hidden_layers"])
 
 
 def checkout(ref: str, into: Path) -> Path:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +34,10 @@ from phi3edge.schema import SamplingConfig
 CONFIGS: dict[str, tuple[str, dict[str, int | str | bool | tuple[str, ...]]]] = {
     "recommended": (
         "k_quant_mixed, block 128, int8 o_proj + down_proj (the default)",
-        {
-            "method": export.RECOMMENDED.method,
-            "block_size": export.RECOMMENDED.block_size,
-            "int8_matmuls": export.RECOMMENDED.int8_matmuls,
+        {  # the fields in which it differs from the plain layout
+            name: value
+            for name, value in asdict(export.RECOMMENDED).items()
+            if value != getattr(export.PLAIN, name)
         },
     ),
     "rtn": ("rtn, block 32, accuracy 4 (the builder's plain layout)", {}),

@@ -156,15 +156,21 @@ def _stock_export(
     out: Path,
     precision: str,
     options: list[str],
-    overrides: list[dict[str, Any]] | None = None,
+    target_options: dict[str, Any] | None = None,
 ) -> Path:
     """onnxruntime-genai's builder exactly as its CLI runs it (whole model in memory, onnxruntime's
-    own k-quant loop); ``overrides``: its ``--target_options`` per-node weight types."""
+    own k-quant loop); ``target_options``: its ``--target_options``."""
     builder = export.load_builder()
     cache = str(out.parent / f"{out.name}-cache")
-    target = {"quant_config": {"weights": {"overrides": overrides}}} if overrides else None
     extra = builder.parse_extra_options(
-        None, str(checkpoint), str(out), precision, "cpu", cache, options, target_options=target
+        None,
+        str(checkpoint),
+        str(out),
+        precision,
+        "cpu",
+        cache,
+        options,
+        target_options=target_options,
     )
     builder.create_model(None, str(checkpoint), str(out), precision, "cpu", cache, **extra)
     return out
@@ -219,8 +225,8 @@ def test_streaming_export_is_byte_identical_to_the_stock_builder(
     int4 = int4 or export.RECOMMENDED
     options = int4.builder_options() if precision == "int4" else []
     layers = json.loads((checkpoint / "config.json").read_text())["num_hidden_layers"]
-    overrides = int4.builder_overrides(layers) if precision == "int4" else None
-    stock = _stock_export(checkpoint, tmp_path / "stock", precision, options, overrides)
+    target = int4.builder_target_options(layers) if precision == "int4" else None
+    stock = _stock_export(checkpoint, tmp_path / "stock", precision, options, target)
     _assert_same_files(stock, ours)
 
 
