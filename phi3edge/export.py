@@ -44,6 +44,13 @@ EMBEDDINGS = ("fp32", "int4")
 PHI3 = "Phi3ForCausalLM"  # Phi-3-mini, Phi-3-medium, Phi-3.5-mini
 SMALL = "Phi3SmallForCausalLM"  # exported through phi3edge.phi3_small (imports torch: lazily)
 MOE_EXPERTS = ("int4", "int8")  # onnxruntime's CPU QMoE kernel has no float experts
+# Peak disk of an export (output and scratch) per byte of the checkpoint's weights in float32,
+# from full-size Phi-3-mini (README, "Export of full-size Phi-3-mini-4k": 3.1, 18.1 and 15.7 GB
+# for 15.3 GB), with a margin: RTN quantizes module by module as the weights stream in; k-quant
+# runs in the builder's final pass, so until then every weight waits in the scratch file as
+# float32; fp32 writes them all out.
+DISK_PER_FLOAT32_BYTE = {"rtn": 0.22, "k_quant": 1.25, "fp32": 1.1}
+CHECKPOINT_BYTES_PER_WEIGHT = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 # How the INT4 weights are rounded. "rtn" is the builder's default quantizer (MLAS round to
@@ -305,6 +312,7 @@ def export(
             raise ExportError(
                 f"int8 MatMuls are for Phi-3-mini, Phi-3-medium and Phi-3.5-mini, not {member.id}"
             )
+    _check_free_disk(out, source_dir, config, precision, int4)
     experts_note = f", experts {moe_experts}" if is_moe else ""
     say(f"exporting {member.id} from {source_dir} to {precision} ONNX{experts_note}")
 
@@ -375,6 +383,38 @@ def _check_k_quant_blocks(int4: Int4Options, config: dict[str, Any]) -> None:
                 f"{name} {size} / block size {int4.block_size} gives "
                 f"{blocks}; use another block size or quant method rtn"
             )
+
+
+def disk_needed(source_dir: Path, config: dict[str, Any], kind: str) -> int:
+    """Bytes of disk an export of ``kind`` (a ``DISK_PER_FLOAT32_BYTE`` key) peaks at, estimated
+    from the checkpoint's weight files and the dtype its config names."""
+    stored = sum(f.stat().st_size for f in source_dir.glob("*.safetensors"))
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    as_float32 = stored * 4 // CHECKPOINT_BYTES_PER_WEIGHT.get(dtype, 2)
+    return int(as_float32 * DISK_PER_FLOAT32_BYTE[kind])
+
+
+def _check_free_disk(
+    out: Path, source_dir: Path, config: dict[str, Any], precision: str, int4: Int4Options
+) -> None:
+    """Refuse up front an export that would run out of disk halfway (minutes in, with ENOSPC)."""
+    kind = "fp32" if precision == "fp32" else "rtn" if int4.method == "rtn" else "k_quant"
+    needed = disk_needed(source_dir, config, kind)
+    folder = next(p for p in (out, *out.parents) if p.exists())  # out and its parents may be new
+    free = shutil.disk_usage(folder).free
+    if free >= needed:
+        return
+    hint = ""
+    if kind == "k_quant":
+        rtn = disk_needed(source_dir, config, "rtn")
+        hint = (
+            f"; k-quant keeps every weight as float32 in a scratch file until the builder's "
+            f"final pass, --quant-method rtn needs about {rtn / 1e9:.1f} GB"
+        )
+    raise ExportError(
+        f"not enough free disk in {folder}: this {kind} export needs about {needed / 1e9:.1f} GB "
+        f"(output and scratch), {free / 1e9:.1f} GB are free{hint}"
+    )
 
 
 @contextlib.contextmanager

@@ -6,7 +6,8 @@ Usage: python scripts/bench_llamacpp.py [--threads 2] [--repeats 3] [--out resul
 Needs llama-cpp-python, which has no wheel on PyPI for this platform; built from source with
 ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
 -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON" pip install llama-cpp-python``
-(a native build enables ggml's AMX kernels, which crash on this VM), and the GGUF files made by
+(a native build enables ggml's AMX kernels, which crash on the Intel VM; on a CPU without AMX,
+``CMAKE_ARGS="-DGGML_NATIVE=ON"`` is what the AVX2-only AMD run used), and the GGUF files made by
 ``scripts/gguf_from_checkpoint.py CHECKPOINT F16.gguf --quantize q4_0 q4_k_m``.
 Measures prefill tok/s (128-token prompt) and decode tok/s (64 tokens) for:
   - phi3edge (all sampling features on) on INT4 exports named as in scripts/bench_quant.py

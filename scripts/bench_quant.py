@@ -66,6 +66,16 @@ CONFIGS: dict[str, tuple[str, dict[str, int | str | bool | tuple[str, ...]]]] = 
         "k_quant_mixed, block 128, int8 down_proj",
         {"method": "k_quant_mixed", "block_size": 128, "int8_matmuls": ("down_proj",)},
     ),
+    # int8 MatMulNBits and zero points cost more on AVX2-only CPUs (README): int8 only where it
+    # buys the most accuracy per byte
+    "k_quant_block128_o": (
+        "k_quant, block 128, int8 o_proj",
+        {"method": "k_quant", "block_size": 128, "int8_matmuls": ("o_proj",)},
+    ),
+    "k_quant_last_block128_o": (
+        "k_quant_last (int8 lm_head), block 128, int8 o_proj",
+        {"method": "k_quant_last", "block_size": 128, "int8_matmuls": ("o_proj",)},
+    ),
 }
 
 

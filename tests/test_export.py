@@ -131,6 +131,38 @@ def test_int4_options_reach_the_model(tmp_path: Path, tiny_int4: Path, model_fac
     assert export.Manifest.read(out).int4["lm_head"] == "int8"
 
 
+@pytest.mark.parametrize(
+    ("flags", "kind", "hint"),
+    [([], "k_quant", "--quant-method rtn needs about"), (["--quant-method", "rtn"], "rtn", None)],
+)
+def test_too_little_free_disk_is_refused_before_export(
+    cli_error: Callable[..., str],
+    tmp_path: Path,
+    model_factory,
+    monkeypatch: pytest.MonkeyPatch,
+    flags: list[str],
+    kind: str,
+    hint: str | None,
+) -> None:
+    """The estimate comes from the weight files (tiny ones here), and the check sees the disk
+    the output folder would be on, before anything is written."""
+    source = model_factory("phi-3-mini-4k")
+    needed = export.disk_needed(source, json.loads((source / "config.json").read_text()), kind)
+    seen: list[Path] = []
+
+    def disk_usage(path: os.PathLike[str]) -> Any:
+        seen.append(Path(path))
+        return shutil._ntuple_diskusage(10 * needed, 9 * needed, needed - 1)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(export.shutil, "disk_usage", disk_usage)
+    out = tmp_path / "new" / "out"
+    err = cli_error("export", str(source), str(out), *flags)
+    assert f"not enough free disk in {tmp_path}: this {kind} export needs about" in err
+    assert (hint in err) if hint else ("--quant-method rtn" not in err)
+    assert seen == [tmp_path]
+    assert not (tmp_path / "new").exists()
+
+
 def test_failed_export_leaves_nothing(tmp_path: Path, model_factory) -> None:
     src = tmp_path / "broken"
     shutil.copytree(model_factory("phi-3-mini-4k"), src)

@@ -279,17 +279,29 @@ def test_flat_row_nucleus_is_exact() -> None:
     assert out.logprobs == pytest.approx(-math.log(5000), abs=1e-5)
 
 
-@pytest.mark.parametrize("quantum", [0.0, 0.125])  # 0.125: ties straddle the boundary
-def test_flat_nucleus_over_phi3s_vocabulary_matches_the_reference(quantum: float) -> None:
+@pytest.mark.parametrize(
+    ("spread", "temperature", "top_p", "quantum"),
+    [
+        (0.6, 0.7, 0.9, 0.0),  # the mid-size benchmark model's rows
+        (0.6, 0.7, 0.9, 0.125),  # 0.125: ties straddle the boundary
+        (0.3, 1.0, 0.5, 0.0),
+        (1.5, 0.7, 0.95, 0.0),  # weights that vary steeply across the boundary
+        (2.0, 1.0, 0.9, 0.0),
+    ],
+)
+def test_flat_nucleus_over_phi3s_vocabulary_matches_the_reference(
+    spread: float, temperature: float, top_p: float, quantum: float
+) -> None:
     # A random-weight model's row (std 0.6 over V = 32064): top_p 0.9 keeps about two thirds of
-    # the vocabulary, so the kernel finds the boundary over the whole row, not from candidates.
-    vocab, draws = 32064, 4000
-    row = np.random.default_rng(5).normal(0.0, 0.6, vocab).astype(np.float32)
+    # the vocabulary, so the kernel finds the boundary over the whole row, not from candidates
+    # (it does whenever the nucleus outnumbers the row's 2004 columns of 16 tokens).
+    vocab, draws = 32064, 3000
+    row = np.random.default_rng(5).normal(0.0, spread, vocab).astype(np.float32)
     if quantum:
         row = (np.round(row / quantum) * quantum).astype(np.float32)
-    params = SamplingParams(temperature=0.7, top_p=0.9, top_logprobs=5)
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_logprobs=5)
     kept, probs = reference_kept(row.astype(np.float64), params)
-    assert 0.5 * vocab < kept.size < vocab
+    assert vocab // 16 < kept.size < vocab
     out = sample(np.repeat(row[None], draws, 0), [params] * draws, states_for(draws, vocab))
     ranking = reference_ranking(row)
     assert (out.top_ids == ranking[:5]).all()
@@ -297,6 +309,17 @@ def test_flat_nucleus_over_phi3s_vocabulary_matches_the_reference(quantum: float
     rank_of[kept] = np.arange(kept.size)
     ranks = rank_of[out.tokens]
     assert (ranks >= 0).all(), "a token outside the nucleus was drawn"
+    # The kernel draws inverse-CDF in id order over the nucleus with the row's first uniform, so
+    # each draw can be replayed: a nucleus cut a token short or long shifts every later draw.
+    # Float rounding may move a draw sitting on a token's edge by one position.
+    by_id = np.sort(kept)
+    cdf = np.cumsum(probs[np.argsort(kept)])
+    expected = [
+        int(np.searchsorted(cdf, reference_uniforms(1234, r, 1)[0] * cdf[-1], side="right"))
+        for r in range(200)
+    ]
+    drawn = np.searchsorted(by_id, out.tokens[:200])
+    assert np.abs(drawn - np.minimum(expected, kept.size - 1)).max() <= 1
     # Ten slices of the nucleus holding equal probability each get a tenth of the draws.
     edges = np.searchsorted(np.cumsum(probs), np.linspace(0.1, 0.9, 9))
     counts = np.bincount(np.searchsorted(edges, ranks, side="right"), minlength=10)
