@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -152,7 +153,7 @@ def test_too_little_free_disk_is_refused_before_export(
 
     def disk_usage(path: os.PathLike[str]) -> Any:
         seen.append(Path(path))
-        return shutil._ntuple_diskusage(10 * needed, 9 * needed, needed - 1)  # type: ignore[attr-defined]
+        return SimpleNamespace(total=10 * needed, used=9 * needed, free=needed - 1)
 
     monkeypatch.setattr(export.shutil, "disk_usage", disk_usage)
     out = tmp_path / "new" / "out"
