@@ -302,7 +302,9 @@ def test_flat_nucleus_over_phi3s_vocabulary_matches_the_reference(
     params = SamplingParams(temperature=temperature, top_p=top_p, top_logprobs=5)
     kept, probs = reference_kept(row.astype(np.float64), params)
     assert vocab // 16 < kept.size < vocab
-    out = sample(np.repeat(row[None], draws, 0), [params] * draws, states_for(draws, vocab))
+    seed = 1234
+    states = states_for(draws, vocab, seed)
+    out = sample(np.repeat(row[None], draws, 0), [params] * draws, states)
     ranking = reference_ranking(row)
     assert (out.top_ids == ranking[:5]).all()
     rank_of = np.full(vocab, -1)
@@ -315,7 +317,7 @@ def test_flat_nucleus_over_phi3s_vocabulary_matches_the_reference(
     by_id = np.sort(kept)
     cdf = np.cumsum(probs[np.argsort(kept)])
     expected = [
-        int(np.searchsorted(cdf, reference_uniforms(1234, r, 1)[0] * cdf[-1], side="right"))
+        int(np.searchsorted(cdf, reference_uniforms(seed, r, 1)[0] * cdf[-1], side="right"))
         for r in range(200)
     ]
     drawn = np.searchsorted(by_id, out.tokens[:200])
