@@ -13,7 +13,9 @@ Measures prefill tok/s (128-token prompt) and decode tok/s (64 tokens) for:
   - phi3edge (all sampling features on) on INT4 exports named as in scripts/bench_quant.py
     (``--configs``; default: the recommended layout, plain rtn and rtn at block 128);
   - llama.cpp Q4_0 and Q4_K_M (``Llama.eval`` on the same token ids, greedy next token).
-Each figure is the median of --repeats runs; models are loaded one at a time. The cosine column
+Every runtime stays loaded and the runs alternate: each of --repeats rounds runs every runtime once,
+so a slow spell of a shared machine hits all of them alike; each figure is the median over the
+rounds (the models together need about 15 GB of RAM). The cosine column
 compares each runtime's logits with transformers' float32 model at every position of a 64-token
 prompt (as in scripts/bench_quant.py), so speed and accuracy are weighed on the same weights.
 """
@@ -47,41 +49,69 @@ def llama_cpp_logits(path: Path, threads: int, ids: list[int]) -> np.ndarray:
         llm.close()
 
 
-def llama_cpp_run(path: Path, threads: int, ids: list[int]) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) of llama.cpp on ``ids`` then DECODE greedy tokens."""
-    from llama_cpp import Llama
+class LlamaCppRunner:
+    """llama.cpp with one GGUF loaded; each call times ``ids`` then DECODE greedy tokens."""
 
-    llm = Llama(
-        model_path=str(path),
-        n_ctx=512,
-        n_batch=512,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-    )
-    try:
-        llm.reset()
+    def __init__(self, path: Path, threads: int) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(
+            model_path=str(path),
+            n_ctx=512,
+            n_batch=512,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+
+    def __call__(self, ids: list[int]) -> tuple[float, float]:
+        """(prefill tok/s, decode tok/s)."""
+        self.llm.reset()
         started = time.perf_counter()
-        llm.eval(ids)
+        self.llm.eval(ids)
         prefilled = time.perf_counter()
         for _ in range(DECODE - 1):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            llm.eval([token])
+            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            self.llm.eval([token])
         end = time.perf_counter()
-    finally:
-        llm.close()
-    return len(ids) / (prefilled - started), (DECODE - 1) / (end - prefilled)
+        return len(ids) / (prefilled - started), (DECODE - 1) / (end - prefilled)
+
+    def close(self) -> None:
+        self.llm.close()
 
 
-def ours_run(folder: Path, threads: int, ids: list[int], repeats: int) -> tuple[float, float]:
-    model = runtime.load(folder, threads=threads)
-    runs = [time_generation(model, ids, DECODE, ALL_FEATURES) for _ in range(repeats)]
-    del model
-    gc.collect()
-    return (
-        float(np.median([r.prefill_tok_s for r in runs])),
-        float(np.median([r.decode_tok_s for r in runs])),
-    )
+class OursRunner:
+    """phi3edge with one export loaded, all sampling features on."""
+
+    def __init__(self, folder: Path, threads: int) -> None:
+        self.model = runtime.load(folder, threads=threads)
+
+    def __call__(self, ids: list[int]) -> tuple[float, float]:
+        timing = time_generation(self.model, ids, DECODE, ALL_FEATURES)
+        return timing.prefill_tok_s, timing.decode_tok_s
+
+    def close(self) -> None:
+        del self.model
+        gc.collect()
+
+
+def alternating_medians(
+    runners: dict[str, OursRunner | LlamaCppRunner], ids: list[int], rounds: int
+) -> dict[str, tuple[float, float]]:
+    """Median (prefill, decode) tok/s of each runner over ``rounds`` rounds, every round running
+    each runner once in turn, so that a slow spell of a shared machine hits all of them alike."""
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
+    for number in range(1, rounds + 1):
+        for name, runner in runners.items():
+            runs[name].append(runner(ids))
+            print(f"round {number}/{rounds} {name}: {runs[name][-1]}", flush=True)
+    return {
+        name: (
+            float(np.median([prefill for prefill, _ in timings])),
+            float(np.median([decode for _, decode in timings])),
+        )
+        for name, timings in runs.items()
+    }
 
 
 def main() -> None:
@@ -95,40 +125,49 @@ def main() -> None:
     names = chosen_configs(args.configs)
     ids = prompt_ids(PROMPT)
     accuracy_ids = prompt_ids(64, seed=9)
-    reference = reference_logits(np.array([accuracy_ids], dtype=np.int64))
+    accuracy_prompt = np.array([accuracy_ids], dtype=np.int64)
+    reference = reference_logits(accuracy_prompt)
     checkpoint = random_checkpoint()
     gguf = checkpoint.with_name(checkpoint.name + "-f16")
-    results: dict[str, tuple[float, float, float]] = {}
+    runners: dict[str, OursRunner | LlamaCppRunner] = {}
+    accuracy: dict[str, float] = {}
+    size_gb: dict[str, float] = {}
     for config in names:
         label, options = CONFIGS[config]
         name, folder = f"phi3edge INT4 {label}", full_model(**options)
-        logits = onnx_logits(folder, np.array([accuracy_ids], dtype=np.int64), args.threads)
-        results[name] = (
-            *ours_run(folder, args.threads, ids, args.repeats),
-            float(cosines(logits, reference).mean()),
-        )
-        print(name, results[name], flush=True)
+        logits = onnx_logits(folder, accuracy_prompt, args.threads)
+        accuracy[name] = float(cosines(logits, reference).mean())
+        size_gb[name] = (folder / "model.onnx.data").stat().st_size / 1e9
+        runners[name] = OursRunner(folder, args.threads)
     for kind in ("q4_0", "q4_k_m"):
         path = Path(f"{gguf}-{kind}.gguf")
-        llama_logits = llama_cpp_logits(path, args.threads, accuracy_ids)
-        accuracy = float(cosines(llama_logits, reference).mean())
-        runs = [llama_cpp_run(path, args.threads, ids) for _ in range(args.repeats)]
-        results[f"llama.cpp {kind.upper()} ({path.stat().st_size / 1e9:.2f} GB)"] = (
-            float(np.median([r[0] for r in runs])),
-            float(np.median([r[1] for r in runs])),
-            accuracy,
+        name = f"llama.cpp {kind.upper()}"
+        accuracy[name] = float(
+            cosines(llama_cpp_logits(path, args.threads, accuracy_ids), reference).mean()
         )
-        print(kind, results[list(results)[-1]], flush=True)
-    rows = [[name, f"{p:.1f}", f"{d:.2f}", f"{c:.3f}"] for name, (p, d, c) in results.items()]
+        size_gb[name] = path.stat().st_size / 1e9
+        runners[name] = LlamaCppRunner(path, args.threads)
+    speeds = alternating_medians(runners, ids, args.repeats)
+    for runner in runners.values():
+        runner.close()
+    results = {name: (*speeds[name], accuracy[name], size_gb[name]) for name in runners}
+    rows = [
+        [name, f"{p:.1f}", f"{d:.2f}", f"{c:.3f}", f"{gb:.2f}"]
+        for name, (p, d, c, gb) in results.items()
+    ]
     print(
         f"\nfull-size random Phi-3-mini-4k, {PROMPT}-token prompt, {DECODE} new tokens, "
-        f"{args.threads} threads, medians of {args.repeats}; {machine()}"
+        f"{args.threads} threads, medians of {args.repeats} alternating rounds; {machine()}"
     )
-    print(table(["runtime", "prefill tok/s", "decode tok/s", "cosine vs fp32 (mean)"], rows))
+    print(
+        table(
+            ["runtime", "prefill tok/s", "decode tok/s", "cosine vs fp32 (mean)", "file GB"], rows
+        )
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {
-        k: {"prefill_tok_s": p, "decode_tok_s": d, "cosine_mean": c}
-        for k, (p, d, c) in results.items()
+        k: {"prefill_tok_s": p, "decode_tok_s": d, "cosine_mean": c, "file_gb": gb}
+        for k, (p, d, c, gb) in results.items()
     }
     (args.out / "bench_llamacpp.json").write_text(json.dumps(summary, indent=2))
 

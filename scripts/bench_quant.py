@@ -33,7 +33,7 @@ from phi3edge.schema import SamplingConfig
 # name (for --configs) -> (label in the table, export.Int4Options keyword arguments)
 CONFIGS: dict[str, tuple[str, dict[str, int | str | bool | tuple[str, ...]]]] = {
     "recommended": (
-        "k_quant_mixed, block 128, int8 o_proj + down_proj (the default)",
+        "k_quant_mixed, block 128, int8 o_proj (the default)",
         {  # the fields in which it differs from the plain layout
             name: value
             for name, value in asdict(export.RECOMMENDED).items()
@@ -66,8 +66,8 @@ CONFIGS: dict[str, tuple[str, dict[str, int | str | bool | tuple[str, ...]]]] = 
         "k_quant_mixed, block 128, int8 down_proj",
         {"method": "k_quant_mixed", "block_size": 128, "int8_matmuls": ("down_proj",)},
     ),
-    # int8 MatMulNBits and zero points cost more on AVX2-only CPUs (README): int8 only where it
-    # buys the most accuracy per byte
+    # decode reads every weight byte and an int8 one costs 1.5x an int4 one in prefill (README):
+    # int8 only where it buys the most accuracy per byte
     "k_quant_block128_o": (
         "k_quant, block 128, int8 o_proj",
         {"method": "k_quant", "block_size": 128, "int8_matmuls": ("o_proj",)},
@@ -75,6 +75,22 @@ CONFIGS: dict[str, tuple[str, dict[str, int | str | bool | tuple[str, ...]]]] = 
     "k_quant_last_block128_o": (
         "k_quant_last (int8 lm_head), block 128, int8 o_proj",
         {"method": "k_quant_last", "block_size": 128, "int8_matmuls": ("o_proj",)},
+    ),
+    "k_quant_block128_qkv": (
+        "k_quant, block 128, int8 qkv_proj",
+        {"method": "k_quant", "block_size": 128, "int8_matmuls": ("qkv_proj",)},
+    ),
+    "k_quant_block128_qkv_o": (
+        "k_quant, block 128, int8 qkv_proj + o_proj",
+        {"method": "k_quant", "block_size": 128, "int8_matmuls": ("qkv_proj", "o_proj")},
+    ),
+    "k_quant_mixed_block128_o_down": (
+        "k_quant_mixed, block 128, int8 o_proj + down_proj (the default until 2026-12-06)",
+        {"method": "k_quant_mixed", "block_size": 128, "int8_matmuls": ("o_proj", "down_proj")},
+    ),
+    "k_quant_mixed_block64_o": (
+        "k_quant_mixed, block 64, int8 o_proj",
+        {"method": "k_quant_mixed", "block_size": 64, "int8_matmuls": ("o_proj",)},
     ),
 }
 

@@ -303,8 +303,11 @@ def test_complete_batch_answers_in_order_like_single_calls(client: ChatCompletio
         assert [c.finish_reason for c in b.choices] == [c.finish_reason for c in s.choices]
         assert b.usage.as_dict() == s.usage.as_dict()
         for bc, sc in zip(b.choices, s.choices, strict=True):
+            # A batch's step multiplies all its rows at once (M > 1); on AVX2 CPUs onnxruntime's
+            # INT4 kernel rounds that differently from one row (M = 1): 0.002 seen on the default
+            # layout, up to 0.0125 between a prefill and token-by-token decoding of one prompt.
             got = [e.logprob for e in bc.logprobs.content]
-            assert got == pytest.approx([e.logprob for e in sc.logprobs.content], abs=1e-4)
+            assert got == pytest.approx([e.logprob for e in sc.logprobs.content], abs=2e-2)
     with pytest.raises(ApiError) as info:
         client.complete_batch([requests[0], {"messages": HELLO, "top_p": 7}])
     assert info.value.param == "requests[1].top_p"

@@ -28,7 +28,7 @@ def test_manifest_records_the_export(tiny_int4: Path, model_factory: Callable) -
         "embeddings": "fp32",
         "method": "k_quant_mixed",
         "symmetric": False,
-        "int8_matmuls": ["o_proj", "down_proj"],
+        "int8_matmuls": ["o_proj"],
     }
     assert manifest.context_length == 2048
     assert manifest.accepts_system_role is False
