@@ -11,6 +11,11 @@ one (the KV cache, float32 on CPU, is what each step reads most at long contexts
 file size, and the cosine between the INT4 model's logits and transformers' float32 model at every
 position of a 64-token prompt. ``--configs`` runs a subset by name (``--list`` prints them);
 ``--layers 2`` keeps the full width with 2 layers, to check the script end to end quickly.
+Every layout is exported (and its cosine taken) first; then the speed runs alternate: each of
+--repeats rounds loads every export in turn and times it once, and each figure is the median over
+the rounds, so that a slow spell of a shared machine hits all layouts alike (runs of one layout
+after another, minutes apart, once made a bigger layout look faster than a smaller one). The
+exports stay on disk until the end (about 3 GB each at full size) and are removed unless --keep.
 The default of ``phi3edge export`` is picked from this table (see README).
 Needs about 16 GB of RAM while the full-size float32 reference runs; run nothing else meanwhile.
 """
@@ -144,15 +149,35 @@ def chosen_configs(names: str | None) -> list[str]:
     return chosen
 
 
-def decode_rate(model: runtime.LoadedModel, length: int, repeats: int) -> tuple[float, float]:
-    """Median (prefill tok/s, decode tok/s) of 32 greedy tokens after a ``length``-token prompt."""
+def alternating_speeds(
+    folders: dict[str, Path], threads: int, rounds: int, long: int
+) -> dict[str, tuple[float, float, float | None]]:
+    """Median (prefill tok/s, decode tok/s, decode tok/s after ``long`` tokens or None) of each
+    export over ``rounds`` rounds, each round loading every export in turn and timing 32 greedy
+    tokens after a 128-token prompt (and after a ``long`` one): a slow spell of a shared machine
+    then hits every layout alike instead of whichever ran during it."""
     greedy = SamplingConfig(temperature=0, logit_bias=NO_END)
-    prompt = prompt_ids(length)
-    runs = [time_generation(model, prompt, 32, greedy) for _ in range(repeats)]
-    return (
-        float(np.median([r.prefill_tok_s for r in runs])),
-        float(np.median([r.decode_tok_s for r in runs])),
-    )
+    runs: dict[str, list[tuple[float, float, float | None]]] = {name: [] for name in folders}
+    for number in range(1, rounds + 1):
+        for name, folder in folders.items():
+            model = runtime.load(folder, threads=threads)
+            time_generation(model, prompt_ids(16), 2, greedy)  # warm-up after the load
+            short = time_generation(model, prompt_ids(128), 32, greedy)
+            decode_long = (
+                time_generation(model, prompt_ids(long), 32, greedy).decode_tok_s if long else None
+            )
+            runs[name].append((short.prefill_tok_s, short.decode_tok_s, decode_long))
+            print(f"round {number}/{rounds} {name}: {runs[name][-1]}", flush=True)
+            del model
+            gc.collect()
+    return {
+        name: (
+            float(np.median([r[0] for r in timings])),
+            float(np.median([r[1] for r in timings])),
+            float(np.median([r[2] for r in timings])) if long else None,
+        )
+        for name, timings in runs.items()
+    }
 
 
 def main() -> None:
@@ -183,15 +208,18 @@ def main() -> None:
     ids = np.array([prompt_ids(64, seed=9)], dtype=np.int64)
     print("float32 reference logits (transformers) ...", flush=True)
     reference = reference_logits(ids, args.layers)
-    rows, results = [], []
+    folders, accuracy = {}, {}
     for number, name in enumerate(names, 1):
         label, options = CONFIGS[name]
         print(f"[{number}/{len(names)}] {name}: {label}", flush=True)
-        folder = full_model(layers=args.layers, **options)
-        cosine = cosines(onnx_logits(folder, ids, args.threads), reference)
-        model = runtime.load(folder, threads=args.threads)
-        prefill, decode = decode_rate(model, 128, args.repeats)
-        decode_long = decode_rate(model, args.long, args.repeats)[1] if args.long else None
+        folders[name] = full_model(layers=args.layers, **options)
+        accuracy[name] = cosines(onnx_logits(folders[name], ids, args.threads), reference)
+    speeds = alternating_speeds(folders, args.threads, args.repeats, args.long)
+    rows, results = [], []
+    for name, folder in folders.items():
+        label, options = CONFIGS[name]
+        cosine = accuracy[name]
+        prefill, decode, decode_long = speeds[name]
         size_gb = (folder / "model.onnx.data").stat().st_size / 1e9
         results.append(
             {
@@ -218,15 +246,12 @@ def main() -> None:
                 f"{cosine.mean():.4f}",
             ]
         )
-        print(rows[-1], flush=True)
-        del model
-        gc.collect()
         if options and not args.keep:
             shutil.rmtree(folder)
     depth = f"{args.layers} layers (full width)" if args.layers else "full-size"
     print(
         f"\nINT4 export options, {depth} random Phi-3-mini-4k, {args.threads} threads, "
-        f"medians of {args.repeats}; {machine()}"
+        f"medians of {args.repeats} alternating rounds; {machine()}"
     )
     print(
         table(
