@@ -22,6 +22,7 @@ prompt (as in scripts/bench_quant.py), so speed and accuracy are weighed on the 
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import time
@@ -29,7 +30,15 @@ from pathlib import Path
 
 import numpy as np
 from bench_quant import CONFIGS, chosen_configs, cosines, onnx_logits, reference_logits
-from benchlib import ALL_FEATURES, bench_arguments, full_model, machine, random_checkpoint, table
+from benchlib import (
+    ALL_FEATURES,
+    alternating_medians,
+    bench_arguments,
+    full_model,
+    machine,
+    random_checkpoint,
+    table,
+)
 
 from phi3edge import runtime
 from phi3edge.benchmark import prompt_ids, time_generation
@@ -95,25 +104,6 @@ class OursRunner:
         gc.collect()
 
 
-def alternating_medians(
-    runners: dict[str, OursRunner | LlamaCppRunner], ids: list[int], rounds: int
-) -> dict[str, tuple[float, float]]:
-    """Median (prefill, decode) tok/s of each runner over ``rounds`` rounds, every round running
-    each runner once in turn, so that a slow spell of a shared machine hits all of them alike."""
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
-    for number in range(1, rounds + 1):
-        for name, runner in runners.items():
-            runs[name].append(runner(ids))
-            print(f"round {number}/{rounds} {name}: {runs[name][-1]}", flush=True)
-    return {
-        name: (
-            float(np.median([prefill for prefill, _ in timings])),
-            float(np.median([decode for _, decode in timings])),
-        )
-        for name, timings in runs.items()
-    }
-
-
 def main() -> None:
     parser = bench_arguments(__doc__)
     parser.add_argument(
@@ -147,7 +137,9 @@ def main() -> None:
         )
         size_gb[name] = path.stat().st_size / 1e9
         runners[name] = LlamaCppRunner(path, args.threads)
-    speeds = alternating_medians(runners, ids, args.repeats)
+    speeds = alternating_medians(
+        {name: functools.partial(run, ids) for name, run in runners.items()}, args.repeats
+    )
     for runner in runners.values():
         runner.close()
     results = {name: (*speeds[name], accuracy[name], size_gb[name]) for name in runners}

@@ -25,12 +25,13 @@ import numpy as np
 WARMUP_STEPS = 10  # steps of each round left out of the medians (allocations, caches)
 
 
-def step_feeds(session, folder: Path, past: int, tokens: int) -> dict[str, np.ndarray]:  # noqa: ANN001
-    """``tokens`` new tokens after ``past`` cached positions."""
+def model_feeds(session, folder: Path, ids: np.ndarray, past: int) -> dict[str, np.ndarray]:  # noqa: ANN001
+    """The inputs of an exported model's step: ``ids`` [1, n] after ``past`` cached positions
+    (zeros)."""
     decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
     feeds = {
-        "input_ids": np.full((1, tokens), 5, np.int64),
-        "attention_mask": np.ones((1, past + tokens), np.int64),
+        "input_ids": ids,
+        "attention_mask": np.ones((1, past + ids.shape[1]), np.int64),
     }
     for value in session.get_inputs():
         if value.name.startswith("past_key_values"):
@@ -91,7 +92,8 @@ def main() -> None:
                 options.enable_profiling = True
                 options.profile_file_prefix = str(Path(scratch) / "profile")
                 session = ort.InferenceSession(str(folder / "model.onnx"), options)
-                feeds = step_feeds(session, folder, args.past, args.tokens)
+                ids = np.full((1, args.tokens), 5, np.int64)
+                feeds = model_feeds(session, folder, ids, args.past)
                 for _ in range(args.steps):
                     session.run(["logits"], feeds)
                 profile = Path(session.end_profiling())

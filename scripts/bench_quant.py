@@ -25,11 +25,20 @@ from __future__ import annotations
 import gc
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from benchlib import bench_arguments, full_model, machine, random_checkpoint, table
+from bench_nodes import model_feeds
+from benchlib import (
+    alternating_medians,
+    bench_arguments,
+    full_model,
+    machine,
+    random_checkpoint,
+    table,
+)
 
 from phi3edge import export, runtime
 from phi3edge.benchmark import NO_END, prompt_ids, time_generation
@@ -120,14 +129,7 @@ def onnx_logits(folder: Path, ids: np.ndarray, threads: int) -> np.ndarray:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(folder / "model.onnx"), options)
-    genai = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    for value in session.get_inputs():
-        if value.name.startswith("past_key_values"):
-            feeds[value.name] = np.zeros(
-                (1, genai["num_key_value_heads"], 0, genai["head_size"]), np.float32
-            )
-    return session.run(["logits"], feeds)[0][0]
+    return session.run(["logits"], model_feeds(session, folder, ids, past=0))[0][0]
 
 
 def cosines(ours: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -149,35 +151,24 @@ def chosen_configs(names: str | None) -> list[str]:
     return chosen
 
 
-def alternating_speeds(
-    folders: dict[str, Path], threads: int, rounds: int, long: int
-) -> dict[str, tuple[float, float, float | None]]:
-    """Median (prefill tok/s, decode tok/s, decode tok/s after ``long`` tokens or None) of each
-    export over ``rounds`` rounds, each round loading every export in turn and timing 32 greedy
-    tokens after a 128-token prompt (and after a ``long`` one): a slow spell of a shared machine
-    then hits every layout alike instead of whichever ran during it."""
+def speed_run(folder: Path, threads: int, long: int) -> Callable[[], tuple[float, ...]]:
+    """A run for ``alternating_medians``: load the export, warm it up, and time 32 greedy tokens
+    after a 128-token prompt (prefill and decode tok/s) and, when ``long``, after a ``long`` one
+    (decode tok/s); loading it per run keeps one full-size model in memory at a time."""
     greedy = SamplingConfig(temperature=0, logit_bias=NO_END)
-    runs: dict[str, list[tuple[float, float, float | None]]] = {name: [] for name in folders}
-    for number in range(1, rounds + 1):
-        for name, folder in folders.items():
-            model = runtime.load(folder, threads=threads)
-            time_generation(model, prompt_ids(16), 2, greedy)  # warm-up after the load
-            short = time_generation(model, prompt_ids(128), 32, greedy)
-            decode_long = (
-                time_generation(model, prompt_ids(long), 32, greedy).decode_tok_s if long else None
-            )
-            runs[name].append((short.prefill_tok_s, short.decode_tok_s, decode_long))
-            print(f"round {number}/{rounds} {name}: {runs[name][-1]}", flush=True)
-            del model
-            gc.collect()
-    return {
-        name: (
-            float(np.median([r[0] for r in timings])),
-            float(np.median([r[1] for r in timings])),
-            float(np.median([r[2] for r in timings])) if long else None,
-        )
-        for name, timings in runs.items()
-    }
+
+    def run() -> tuple[float, ...]:
+        model = runtime.load(folder, threads=threads)
+        time_generation(model, prompt_ids(16), 2, greedy)  # warm-up after the load
+        short = time_generation(model, prompt_ids(128), 32, greedy)
+        figures = (short.prefill_tok_s, short.decode_tok_s)
+        if long:
+            figures += (time_generation(model, prompt_ids(long), 32, greedy).decode_tok_s,)
+        del model
+        gc.collect()
+        return figures
+
+    return run
 
 
 def main() -> None:
@@ -214,12 +205,16 @@ def main() -> None:
         print(f"[{number}/{len(names)}] {name}: {label}", flush=True)
         folders[name] = full_model(layers=args.layers, **options)
         accuracy[name] = cosines(onnx_logits(folders[name], ids, args.threads), reference)
-    speeds = alternating_speeds(folders, args.threads, args.repeats, args.long)
+    speeds = alternating_medians(
+        {name: speed_run(folder, args.threads, args.long) for name, folder in folders.items()},
+        args.repeats,
+    )
     rows, results = [], []
     for name, folder in folders.items():
         label, options = CONFIGS[name]
         cosine = accuracy[name]
-        prefill, decode, decode_long = speeds[name]
+        prefill, decode, *long_decode = speeds[name]
+        decode_long = long_decode[0] if long_decode else None
         size_gb = (folder / "model.onnx.data").stat().st_size / 1e9
         results.append(
             {

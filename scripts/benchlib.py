@@ -102,6 +102,23 @@ def median_time(run: Callable[[], object], repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+def alternating_medians(
+    runs: dict[str, Callable[[], tuple[float, ...]]], rounds: int
+) -> dict[str, tuple[float, ...]]:
+    """Per name, the median of each figure its run returns over ``rounds`` rounds, every round
+    calling each run once in turn, so that a slow spell of a shared machine hits all of them
+    alike instead of whichever ran during it."""
+    samples: dict[str, list[tuple[float, ...]]] = {name: [] for name in runs}
+    for number in range(1, rounds + 1):
+        for name, run in runs.items():
+            samples[name].append(run())
+            print(f"round {number}/{rounds} {name}: {samples[name][-1]}", flush=True)
+    return {
+        name: tuple(statistics.median(column) for column in zip(*figures, strict=True))
+        for name, figures in samples.items()
+    }
+
+
 def machine() -> str:
     import onnxruntime_genai as og
 
