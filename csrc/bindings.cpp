@@ -73,9 +73,9 @@ py::dict bias_to_dict(const SamplingParams& params) {
 py::str params_repr(const SamplingParams& p) {
     return py::str(
                "SamplingParams(temperature={!r}, top_p={!r}, top_k={!r}, presence_penalty={!r}, "
-               "frequency_penalty={!r}, logit_bias={!r}, top_logprobs={!r})")
+               "frequency_penalty={!r}, logit_bias={!r}, top_logprobs={!r}, logprobs={!r})")
         .format(p.temperature(), p.top_p(), p.top_k(), p.presence_penalty(), p.frequency_penalty(),
-                bias_to_dict(p), p.top_logprobs());
+                bias_to_dict(p), p.top_logprobs(), p.logprobs());
 }
 
 std::string type_name(const py::handle& object) {
@@ -133,6 +133,28 @@ struct StepOutput {
 
 // Checks dtype int32 or uint32 and shape [rows, ceil(vocab / 32)]; returns a C-contiguous view
 // of the words as uint32 (no copy when the input already is one).
+// The engine turns every reported row into these tuples; built here, a step with top_logprobs 20
+// skips two list conversions and a Python loop over the slots.
+py::tuple alternatives(const StepOutput& step, py::ssize_t row) {
+    const py::ssize_t rows = step.top_ids.shape(0);
+    if (row < 0 || row >= rows) {
+        throw py::index_error("row " + std::to_string(row) + " is out of range for " +
+                              std::to_string(rows) + " rows");
+    }
+    const py::ssize_t slots = step.top_ids.shape(1);
+    const std::int32_t* ids = step.top_ids.data() + row * slots;
+    const float* logprobs = step.top_logprobs.data() + row * slots;
+    py::ssize_t used = 0;
+    while (used < slots && ids[used] >= 0) {  // a row's used slots come first
+        ++used;
+    }
+    py::tuple out(used);
+    for (py::ssize_t i = 0; i < used; ++i) {
+        out[i] = py::make_tuple(ids[i], static_cast<double>(logprobs[i]));
+    }
+    return out;
+}
+
 py::array allowed_from(const py::object& object, py::ssize_t rows, py::ssize_t vocab) {
     if (!py::isinstance<py::array>(object)) {
         throw py::type_error("allowed must be a numpy int32 or uint32 array or None, got " +
@@ -238,14 +260,15 @@ PYBIND11_MODULE(_sampling, m) {
     py::class_<SamplingParams>(m, "SamplingParams", py::is_final())
         .def(py::init([](double temperature, double top_p, std::int64_t top_k,
                          double presence_penalty, double frequency_penalty,
-                         const py::object& logit_bias, int top_logprobs) {
+                         const py::object& logit_bias, int top_logprobs, bool logprobs) {
                  return SamplingParams(temperature, top_p, top_k, presence_penalty,
-                                       frequency_penalty, bias_from(logit_bias), top_logprobs);
+                                       frequency_penalty, bias_from(logit_bias), top_logprobs,
+                                       logprobs);
              }),
              py::kw_only(), py::arg("temperature") = 1.0, py::arg("top_p") = 1.0,
              py::arg("top_k") = 0, py::arg("presence_penalty") = 0.0,
              py::arg("frequency_penalty") = 0.0, py::arg("logit_bias") = py::none(),
-             py::arg("top_logprobs") = 0)
+             py::arg("top_logprobs") = 0, py::arg("logprobs") = true)
         .def_property_readonly("temperature", &SamplingParams::temperature)
         .def_property_readonly("top_p", &SamplingParams::top_p)
         .def_property_readonly("top_k", &SamplingParams::top_k)
@@ -253,6 +276,7 @@ PYBIND11_MODULE(_sampling, m) {
         .def_property_readonly("frequency_penalty", &SamplingParams::frequency_penalty)
         .def_property_readonly("logit_bias", &bias_to_dict)
         .def_property_readonly("top_logprobs", &SamplingParams::top_logprobs)
+        .def_property_readonly("logprobs", &SamplingParams::logprobs)
         .def("__repr__", &params_repr);
 
     py::class_<RowState>(m, "RowState", py::is_final())
@@ -269,7 +293,9 @@ PYBIND11_MODULE(_sampling, m) {
         .def_readonly("tokens", &StepOutput::tokens)
         .def_readonly("logprobs", &StepOutput::logprobs)
         .def_readonly("top_ids", &StepOutput::top_ids)
-        .def_readonly("top_logprobs", &StepOutput::top_logprobs);
+        .def_readonly("top_logprobs", &StepOutput::top_logprobs)
+        .def("alternatives", &alternatives, py::arg("row"),
+             "Row row's reported alternatives as ((id, logprob), ...), unused slots left out.");
 
     m.def("sample", &sample, py::arg("logits"), py::arg("params"), py::arg("states"),
           py::arg("allowed") = py::none(),

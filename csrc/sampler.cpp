@@ -3,8 +3,9 @@
 // Speed comes from touching the vocabulary as few times as possible (V = 32064 for Phi-3):
 //   1-2  copy the row while taking its column maxima and checking finiteness (one pass), then
 //        apply bias and penalties as sparse edits (refreshing the edited columns' maxima)
-//   3-4  one exp pass at temperature 1 (the logprob normaliser) and one at the temperature (the
-//        sampling weights), with a branch-free exp2 that vectorises
+//   3-4  one exp pass at temperature 1 (the logprob normaliser, skipped when the row reports no
+//        logprobs) and one at the temperature (the sampling weights), with a branch-free exp2
+//        that vectorises
 //   3-6  candidates: the tokens above a threshold, chosen from a histogram of the column maxima
 //        (or, for flat rows, of the whole row) so that they surely hold the top_logprobs, top_k
 //        and top_p sets; only the columns whose maximum reaches the threshold are visited
@@ -138,14 +139,16 @@ std::uint64_t checked_row_index(std::int64_t row_index) {
 
 SamplingParams::SamplingParams(double temperature, double top_p, std::int64_t top_k,
                                double presence_penalty, double frequency_penalty,
-                               std::vector<BiasEntry> logit_bias, int top_logprobs)
+                               std::vector<BiasEntry> logit_bias, int top_logprobs,
+                               bool logprobs)
     : temperature_(temperature),
       top_p_(top_p),
       top_k_(top_k),
       presence_penalty_(checked_penalty(presence_penalty, "presence_penalty")),
       frequency_penalty_(checked_penalty(frequency_penalty, "frequency_penalty")),
       logit_bias_(sorted_bias(std::move(logit_bias))),
-      top_logprobs_(top_logprobs) {
+      top_logprobs_(top_logprobs),
+      logprobs_(logprobs) {
     require(std::isfinite(temperature) && temperature >= 0.0 && temperature <= 2.0,
             [&] { return "temperature must be finite and in [0, 2], got " + num(temperature); });
     require(top_p > 0.0 && top_p <= 1.0,
@@ -1052,31 +1055,36 @@ Processed process_row(const float* raw, std::int64_t vocab, std::int64_t row,
 
 struct Softmax {
     float max;
-    double log_z;    // step 3: logprob(id) = logit - max - log_z
+    double log_z;    // step 3: logprob(id) = logit - max - log_z (NaN: none reported)
     float scale;     // step 4: weight = 2^((logit - max) * scale), scale = log2(e) / temperature
     float* weights;  // null when greedy
     double mass;     // sum of the weights
 };
 
-// One exp pass at temperature 1 and, unless greedy or at temperature 1, one at the temperature.
-Softmax softmax_passes(Workspace& ws, std::int64_t vocab, float max, double temperature) {
+// One exp pass at temperature 1 (only when logprobs are reported: log_z is NaN otherwise) and,
+// unless greedy, one at the temperature; at temperature 1 one pass gives both.
+Softmax softmax_passes(Workspace& ws, std::int64_t vocab, float max, double temperature,
+                       bool reports_logprobs) {
     constexpr double kLog2e = 1.4426950408889634;
     const auto unit_scale = static_cast<float>(kLog2e);
     const float* logits = ws.logits.data();
     double* group_mass = ws.group_mass.data();
-    if (temperature == 0.0) {
-        const double z = exp_sum<false>(logits, vocab, max, unit_scale, nullptr, nullptr);
-        return Softmax{max, std::log(z), unit_scale, nullptr, 0.0};
-    }
     float* weights = ws.weights.data();
+    constexpr double kNone = std::numeric_limits<double>::quiet_NaN();
     if (temperature == 1.0) {
         const double z = exp_sum<true>(logits, vocab, max, unit_scale, weights, group_mass);
-        return Softmax{max, std::log(z), unit_scale, weights, z};
+        return Softmax{max, reports_logprobs ? std::log(z) : kNone, unit_scale, weights, z};
     }
-    const double z = exp_sum<false>(logits, vocab, max, unit_scale, nullptr, nullptr);
+    const double log_z = reports_logprobs
+                             ? std::log(exp_sum<false>(logits, vocab, max, unit_scale, nullptr,
+                                                       nullptr))
+                             : kNone;
+    if (temperature == 0.0) {
+        return Softmax{max, log_z, unit_scale, nullptr, 0.0};
+    }
     const auto scale = static_cast<float>(std::min(kLog2e / temperature, double{FLT_MAX}));
     const double mass = exp_sum<true>(logits, vocab, max, scale, weights, group_mass);
-    return Softmax{max, std::log(z), scale, weights, mass};
+    return Softmax{max, log_z, scale, weights, mass};
 }
 
 // What steps 3-6 need from the candidates.
@@ -1137,7 +1145,8 @@ void sample_row(const float* raw, std::int64_t vocab, std::int64_t row,
                 double u, Workspace& ws, const RowOut& out) {
     const Processed processed = process_row(raw, vocab, row, params, state, allowed, ws);  // 1-2b
     const float max = processed.max;
-    const Softmax softmax = softmax_passes(ws, vocab, max, params.temperature());
+    const Softmax softmax =
+        softmax_passes(ws, vocab, max, params.temperature(), params.reports_logprobs());
     const auto logprob = [&](std::int32_t id) {  // 3
         const double value = static_cast<double>(ws.logits[static_cast<std::size_t>(id)]) -
                              static_cast<double>(max) - softmax.log_z;

@@ -6,7 +6,8 @@
 //                          only over the ids this row generated (c = RowState counts)
 //   2b. allowed mask       l[j]  = -inf where the row's constraint bitmask clears bit j
 //                          (structured output); steps 3-7 then see only the allowed tokens
-//   3. reported logprobs   log_softmax(l) at temperature 1: the chosen token's logprob and the
+//   3. reported logprobs   log_softmax(l) at temperature 1: the chosen token's logprob (NaN when
+//                          the row asks for none: neither logprobs nor top_logprobs) and the
 //                          top_logprobs best alternatives (logprob desc, then id asc)
 //   4. temperature         0 -> argmax (ties -> lowest id), steps 5-7 skipped; else l / temperature
 //   5. top_k               keep the k best (ties -> lower id); 0 = off
@@ -38,7 +39,8 @@ struct BiasEntry {
 class SamplingParams {
 public:
     SamplingParams(double temperature, double top_p, std::int64_t top_k, double presence_penalty,
-                   double frequency_penalty, std::vector<BiasEntry> logit_bias, int top_logprobs);
+                   double frequency_penalty, std::vector<BiasEntry> logit_bias, int top_logprobs,
+                   bool logprobs = true);
 
     double temperature() const { return temperature_; }
     double top_p() const { return top_p_; }
@@ -47,6 +49,9 @@ public:
     double frequency_penalty() const { return frequency_penalty_; }
     const std::vector<BiasEntry>& logit_bias() const { return logit_bias_; }  // sorted by id
     int top_logprobs() const { return top_logprobs_; }
+    bool logprobs() const { return logprobs_; }  // report the chosen token's logprob
+    // Whether step 3's normaliser is needed: without it a greedy row skips an exp pass.
+    bool reports_logprobs() const { return logprobs_ || top_logprobs_ > 0; }
 
 private:
     double temperature_;
@@ -56,6 +61,7 @@ private:
     double frequency_penalty_;
     std::vector<BiasEntry> logit_bias_;
     int top_logprobs_;
+    bool logprobs_;
 };
 
 struct Workspace;  // scratch buffers for the rows of a call (sampler.cpp)

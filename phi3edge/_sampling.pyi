@@ -27,7 +27,10 @@ class SamplingParams:
         frequency_penalty: float = 0.0,
         logit_bias: dict[int, float] | None = None,
         top_logprobs: int = 0,
-    ) -> None: ...
+        logprobs: bool = True,
+    ) -> None:
+        """logprobs False: the chosen token's logprob is not computed (StepOutput.logprobs
+        holds NaN for the row), which spares a greedy row an exp pass over the vocabulary."""
     @property
     def temperature(self) -> float: ...
     @property
@@ -42,6 +45,8 @@ class SamplingParams:
     def logit_bias(self) -> dict[int, float]: ...
     @property
     def top_logprobs(self) -> int: ...
+    @property
+    def logprobs(self) -> bool: ...
 
 class RowState:
     """Per-choice state: counts of generated tokens and the RNG of stream (seed, row_index).
@@ -65,11 +70,14 @@ class StepOutput:
     tokens: npt.NDArray[np.int32]
     """[B] the chosen token of each row."""
     logprobs: npt.NDArray[np.float32]
-    """[B] logprob of the chosen token (after bias and penalties, at temperature 1)."""
+    """[B] logprob of the chosen token (after bias and penalties, at temperature 1); NaN for a
+    row whose params have logprobs False and top_logprobs 0."""
     top_ids: npt.NDArray[np.int32]
     """[B, K], K = max top_logprobs; row i fills its first params[i].top_logprobs slots, rest -1."""
     top_logprobs: npt.NDArray[np.float32]
     """[B, K] logprobs of top_ids (logprob desc, then id asc); unused slots -inf."""
+    def alternatives(self, row: int) -> tuple[tuple[int, float], ...]:
+        """Row ``row``'s used slots of top_ids / top_logprobs as (id, logprob) pairs."""
 
 def sample(
     logits: npt.NDArray[np.float32],

@@ -76,6 +76,7 @@ def sampler_params(cfg: SamplingConfig, vocab_size: int) -> _sampling.SamplingPa
         frequency_penalty=cfg.frequency_penalty,
         logit_bias=cfg.logit_bias,
         top_logprobs=cfg.top_logprobs,
+        logprobs=cfg.logprobs,  # without them a greedy step skips the logprob normaliser
     )
 
 
@@ -569,10 +570,8 @@ def _advance(model: LoadedModel, row: _Row, step: _sampling.StepOutput, i: int) 
     if token in model.eos_ids:
         choice.finish_reason = "stop"
     else:
-        if row.logprobs:  # unused top slots hold id -1 (rows of one call may ask for fewer)
-            ids, logprobs = step.top_ids[i].tolist(), step.top_logprobs[i].tolist()
-            top = tuple((t, lp) for t, lp in zip(ids, logprobs, strict=True) if t >= 0)
-            out.tokens.append(TokenLogprob(token, float(step.logprobs[i]), top))
+        if row.logprobs:
+            out.tokens.append(TokenLogprob(token, float(step.logprobs[i]), step.alternatives(i)))
         out.text = choice.stop.push(choice.decoder.push(token))
         if choice.stop.stopped:
             choice.finish_reason = "stop"

@@ -180,6 +180,7 @@ def test_params_are_read_only_and_keep_their_values() -> None:
     assert (params.presence_penalty, params.frequency_penalty) == (-1.5, 2.0)
     assert params.logit_bias == {1: -100.0, 3: 0.1}
     assert params.top_logprobs == 20
+    assert params.logprobs  # the default: the chosen token's logprob is reported
     with pytest.raises(AttributeError):
         params.temperature = 1.0  # type: ignore[misc]
     assert "top_p=0.25" in repr(params)
@@ -206,6 +207,43 @@ def test_top_logprobs_are_sorted_by_logprob_then_id() -> None:
     assert out.top_ids.tolist() == [[1, 2, 0, 3]]
     expected = np.log([0.3, 0.3, 0.2, 0.2])
     np.testing.assert_allclose(out.top_logprobs[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0])
+def test_without_logprobs_the_same_tokens_are_chosen_and_no_logprob_is_made(
+    temperature: float,
+) -> None:
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0.0, 2.0, size=(16, 3000)).astype(np.float32)
+    rows = len(logits)
+
+    def run(**kwargs: int | bool):
+        params = [SamplingParams(temperature=temperature, top_p=0.9, **kwargs)] * rows
+        return sample(logits, params, states_for(rows, logits.shape[1]))
+
+    reported, silent = run(), run(logprobs=False)
+    assert silent.tokens.tolist() == reported.tokens.tolist()
+    assert np.isnan(silent.logprobs).all() and np.isfinite(reported.logprobs).all()
+    with_top, silent_with_top = run(top_logprobs=3), run(logprobs=False, top_logprobs=3)
+    assert silent_with_top.tokens.tolist() == with_top.tokens.tolist()
+    np.testing.assert_array_equal(silent_with_top.logprobs, with_top.logprobs)  # still made
+    assert not SamplingParams(logprobs=False).logprobs and SamplingParams().logprobs
+
+
+def test_alternatives_pair_each_rows_used_slots() -> None:
+    logits = np.log(np.array([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]], np.float32))
+    params = [SamplingParams(temperature=0.0, top_logprobs=3), SamplingParams(top_logprobs=1)]
+    out = sample(logits, params, states_for(2, 4))
+    for row, used in enumerate([3, 1]):
+        ids, logprobs = out.top_ids[row, :used].tolist(), out.top_logprobs[row, :used].tolist()
+        expected = list(zip(ids, logprobs, strict=True))
+        assert out.alternatives(row) == tuple(expected)
+    assert [pair[0] for pair in out.alternatives(0)] == [3, 2, 1]
+    assert out.alternatives(1)[0][1] == pytest.approx(math.log(0.4), abs=1e-5)
+    for row in (-1, 2):
+        with pytest.raises(IndexError, match="out of range"):
+            out.alternatives(row)
+    assert sample(logits, [SamplingParams()] * 2, states_for(2, 4)).alternatives(0) == ()
 
 
 def test_reported_logprobs_ignore_temperature_and_truncation() -> None:
