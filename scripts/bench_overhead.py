@@ -4,19 +4,23 @@ Usage: python scripts/bench_overhead.py [--threads 2] [--repeats 3] [--new 256] 
                                         [--against PYTHON --processes 3]
 
 On the mid-size random Phi-3-mini (hidden 1024, 8 layers, V = 32064; ``benchlib.mid_model``,
-built once and cached), 128-token prompt, ``--new`` new tokens, runs alternating in one process:
+built once and cached), 128-token prompt, ``--new`` new tokens:
   - raw onnxruntime-genai's greedy ``generate_next_token`` loop;
   - our engine (``engine.generate``) with every sampling feature on (10 logit_bias ids, presence +
     frequency penalties, temperature 0.7, top_p 0.9, top_logprobs 20) and with none (greedy; only
     the end tokens banned so every run makes the same count);
-  - decode tok/s, and per round our rate over raw's and our extra time per token; the medians.
+  - raw and ours decode side by side, ``--burst`` tokens of one, then ``--burst`` of the other
+    (each on its own generator), so that a slow spell of a shared VM falls on both alike (on the
+    VMs here the raw rate moved by up to 20% from one run of a few seconds to the next, more
+    than the difference measured). Per run and configuration: our rate over raw's and our extra
+    time per token; the medians over ``--repeats`` runs.
 Then one traced run of each configuration splits a step into the call that runs the model,
 onnxruntime-genai's other calls, our sampling kernel and the rest of our loop.
 
 ``--against PYTHON``: the same measurement with another installed phi3edge (an older commit
 installed into its own virtualenv), in ``--processes`` child processes per side started
 alternately, so that both see the same drift of a shared machine. It only uses interfaces both
-have (``runtime.load``, ``engine.generate``, ``benchmark.time_generation``).
+have (``runtime.load``, ``engine.generate``).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from benchlib import ALL_FEATURES, bench_arguments, machine, mid_model, table  #
 
 import phi3edge  # noqa: E402
 from phi3edge import engine, runtime  # noqa: E402
-from phi3edge.benchmark import NO_END, prompt_ids, time_generation  # noqa: E402
+from phi3edge.benchmark import NO_END, prompt_ids  # noqa: E402
 from phi3edge.prompt import Prompt  # noqa: E402
 from phi3edge.schema import SamplingConfig  # noqa: E402
 
@@ -49,14 +53,49 @@ CONFIGS = {
 }
 
 
-def rates(model: runtime.LoadedModel, ids: list[int], new: int, repeats: int) -> dict[str, list]:
-    """Decode tok/s of raw and of each configuration, ``repeats`` alternating rounds."""
+def side_by_side(
+    model: runtime.LoadedModel, ids: list[int], new: int, cfg: SamplingConfig, burst: int
+) -> tuple[float, float]:
+    """Decode seconds per token of raw onnxruntime-genai and of our engine with ``cfg``, the two
+    decoding the same prompt in turns of ``burst`` tokens (prefills and first tokens untimed)."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model.model)
+    total = len(ids) + new
+    params.set_search_options(max_length=total, min_length=total, batch_size=1)
+    raw = og.Generator(model.model, params)
+    raw.append_tokens(np.array([ids], dtype=np.int32))
+    raw.generate_next_token()
+    ours = engine.generate(model, Prompt(ids, new), cfg)
+    while not next(ours):  # prefill chunks yield [], the first token a step
+        pass
+    raw_s = ours_s = 0.0
+    left = new - 1
+    while left > 0:
+        turn = min(burst, left)
+        started = time.perf_counter()
+        for _ in range(turn):
+            raw.generate_next_token()
+        switched = time.perf_counter()
+        for _ in range(turn):
+            next(ours)
+        raw_s, ours_s = raw_s + switched - started, ours_s + time.perf_counter() - switched
+        left -= turn
+    if next(ours, None) is not None or not raw.is_done():
+        raise RuntimeError("raw and ours did not make the same number of tokens")
+    return raw_s / (new - 1), ours_s / (new - 1)
+
+
+def rates(
+    model: runtime.LoadedModel, ids: list[int], new: int, repeats: int, burst: int
+) -> dict[str, list[list[float]]]:
+    """Per configuration, ``repeats`` pairs [raw tok/s, ours tok/s], each measured side by side."""
     raw_og(model, ids, 8)  # warm up
-    out: dict[str, list[float]] = {"raw": [], **{name: [] for name in CONFIGS}}
+    out: dict[str, list[list[float]]] = {name: [] for name in CONFIGS}
     for _ in range(repeats):
-        out["raw"].append(raw_og(model, ids, new)[1])
         for name, cfg in CONFIGS.items():
-            out[name].append(time_generation(model, ids, new, cfg).decode_tok_s)
+            raw_s, ours_s = side_by_side(model, ids, new, cfg, burst)
+            out[name].append([1 / raw_s, 1 / ours_s])
     return out
 
 
@@ -116,15 +155,15 @@ def traced_step(
     return parts
 
 
-def summary(runs: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-    """Per configuration: median tok/s, median and range of the per-round ratio to raw, and the
-    median extra milliseconds per token."""
-    raw = np.array(runs["raw"])
-    out = {"raw": {"tok_s": float(np.median(raw))}}
-    for name in CONFIGS:
-        ours = np.array(runs[name])
+def summary(runs: dict[str, list[list[float]]]) -> dict[str, dict[str, float]]:
+    """Per configuration: median raw and ours tok/s, median and range of the per-run ratio, and
+    the median extra milliseconds per token."""
+    out = {}
+    for name, pairs in runs.items():
+        raw, ours = np.array(pairs).T
         ratios = ours / raw
         out[name] = {
+            "raw_tok_s": float(np.median(raw)),
             "tok_s": float(np.median(ours)),
             "ratio": float(np.median(ratios)),
             "ratio_min": float(ratios.min()),
@@ -139,28 +178,31 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=256, help="new tokens per run")
     parser.add_argument("--against", help="another Python with another phi3edge installed")
     parser.add_argument("--processes", type=int, default=3, help="child processes per side")
+    parser.add_argument(
+        "--burst", type=int, default=16, help="tokens per turn when raw and ours alternate"
+    )
     parser.add_argument("--rounds-json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     _, folder = mid_model()
     if args.rounds_json:  # a child of --against: rounds only, as JSON
         model = runtime.load(folder, threads=args.threads)
-        print(json.dumps(rates(model, prompt_ids(128), args.new, args.repeats)))
+        print(json.dumps(rates(model, prompt_ids(128), args.new, args.repeats, args.burst)))
         return
     if args.against:
         compare(args)
         return
     model = runtime.load(folder, threads=args.threads)
     ids = prompt_ids(128)
-    result = summary(rates(model, ids, args.new, args.repeats))
+    result = summary(rates(model, ids, args.new, args.repeats, args.burst))
     for name, cfg in CONFIGS.items():
         result[name].update(traced_step(model, ids, args.new, cfg))
-    rows = [["raw onnxruntime-genai", f"{result['raw']['tok_s']:.1f}", "1", "", "", "", "", ""]]
+    rows = []
     for name in CONFIGS:
         r = result[name]
         rows.append(
             [
                 f"ours, {name}",
-                f"{r['tok_s']:.1f}",
+                f"{r['raw_tok_s']:.1f} / {r['tok_s']:.1f}",
                 f"{r['ratio']:.3f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})",
                 f"{r['extra_ms_per_token']:.3f}",
             ]
@@ -171,10 +213,11 @@ def main() -> None:
         )
     print(
         f"\nmid-size random Phi-3-mini INT4 ({folder.name}), 128-token prompt, {args.new} new "
-        f"tokens, {args.threads} threads, medians of {args.repeats} alternating rounds; "
+        f"tokens, {args.threads} threads, raw and ours in turns of {args.burst} tokens, medians "
+        f"of {args.repeats} runs; "
         f"per-step parts from one traced run; {machine()}"
     )
-    headers = ["decode", "tok/s", "ours/raw (range)", "extra ms/token", "model call ms"]
+    headers = ["decode", "tok/s raw / ours", "ours/raw (range)", "extra ms/token", "model call ms"]
     headers += ["other og ms", "kernel ms", "rest ms"]
     print(table(headers, rows))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -194,6 +237,7 @@ def compare(args: Any) -> None:
         for side, (python, env) in sides.items():
             command = [python, __file__, "--rounds-json", "--threads", str(args.threads)]
             command += ["--repeats", str(args.repeats), "--new", str(args.new)]
+            command += ["--burst", str(args.burst)]
             out = subprocess.run(
                 command, check=True, capture_output=True, text=True, env=env
             ).stdout
@@ -209,10 +253,9 @@ def compare(args: Any) -> None:
         ]
         for side, by_name in result.items()
         for name, r in by_name.items()
-        if name != "raw"
     ]
     print(
-        f"\n{args.processes} processes per side x {args.repeats} rounds, mid-size model, "
+        f"\n{args.processes} processes per side x {args.repeats} runs, mid-size model, "
         f"{args.new} new tokens; this = {sys.executable}, against = {args.against}; {machine()}"
     )
     print(table(["phi3edge", "sampling", "ours/raw (range)", "extra ms/token"], rows))
