@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from bench_engine import raw_og  # noqa: E402
 from benchlib import ALL_FEATURES, bench_arguments, machine, mid_model, table  # noqa: E402
 
 import phi3edge  # noqa: E402
-from phi3edge import engine, runtime  # noqa: E402
+from phi3edge import _sampling, engine, runtime  # noqa: E402
 from phi3edge.benchmark import NO_END, prompt_ids  # noqa: E402
 from phi3edge.prompt import Prompt  # noqa: E402
 from phi3edge.schema import SamplingConfig  # noqa: E402
@@ -53,11 +54,38 @@ CONFIGS = {
 }
 
 
+Steps = Iterator[Any]  # one item per unit of work: [] for a prefill chunk, else a token's step
+
+
+def bare_loop(model: runtime.LoadedModel, prompt: Prompt, cfg: SamplingConfig) -> Steps:
+    """The least a loop with our own sampler does per token through onnxruntime-genai's Python
+    API: ``append_tokens`` of the chosen token, ``get_output("logits")``, our kernel; no text, no
+    logprob objects, no halt checks. What the engine's rate would be if its Python cost nothing."""
+    ids, new, vocab = prompt.ids, prompt.max_new_tokens, model.vocab_size
+    generator = engine._new_generator(model, len(ids) + new, 1)
+    generator.append_tokens(np.array([ids], dtype=np.int32))
+    params, state = engine.sampler_params(cfg, vocab), _sampling.RowState(vocab, cfg.seed, 0)
+    logits = generator.get_logits()
+    for made in range(1, new + 1):
+        step = _sampling.sample(logits[:, 0], [params], [state], None)
+        yield [step]
+        if made < new:
+            generator.append_tokens(np.array([[int(step.tokens[0])]], dtype=np.int32))
+            logits = generator.get_output("logits")
+
+
+LOOPS: dict[str, Callable[[runtime.LoadedModel, Prompt, SamplingConfig], Steps]] = {
+    "": engine.generate,
+    "bare loop, ": bare_loop,
+}
+
+
 def side_by_side(
-    model: runtime.LoadedModel, ids: list[int], new: int, cfg: SamplingConfig, burst: int
+    model: runtime.LoadedModel, ids: list[int], new: int, ours: Steps, burst: int
 ) -> tuple[float, float]:
-    """Decode seconds per token of raw onnxruntime-genai and of our engine with ``cfg``, the two
-    decoding the same prompt in turns of ``burst`` tokens (prefills and first tokens untimed)."""
+    """Decode seconds per token of raw onnxruntime-genai and of ``ours`` (the steps of a request
+    for ``ids`` and ``new`` tokens), the two decoding in turns of ``burst`` tokens (prefills and
+    first tokens untimed)."""
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model.model)
@@ -66,7 +94,6 @@ def side_by_side(
     raw = og.Generator(model.model, params)
     raw.append_tokens(np.array([ids], dtype=np.int32))
     raw.generate_next_token()
-    ours = engine.generate(model, Prompt(ids, new), cfg)
     while not next(ours):  # prefill chunks yield [], the first token a step
         pass
     raw_s = ours_s = 0.0
@@ -87,15 +114,19 @@ def side_by_side(
 
 
 def rates(
-    model: runtime.LoadedModel, ids: list[int], new: int, repeats: int, burst: int
+    model: runtime.LoadedModel, ids: list[int], new: int, repeats: int, burst: int, bare: bool
 ) -> dict[str, list[list[float]]]:
-    """Per configuration, ``repeats`` pairs [raw tok/s, ours tok/s], each measured side by side."""
+    """Per configuration (and per loop: the engine's, and with ``bare`` the bare loop's),
+    ``repeats`` pairs [raw tok/s, ours tok/s], each measured side by side."""
     raw_og(model, ids, 8)  # warm up
-    out: dict[str, list[list[float]]] = {name: [] for name in CONFIGS}
+    loops = LOOPS if bare else {"": engine.generate}
+    out: dict[str, list[list[float]]] = {}
     for _ in range(repeats):
-        for name, cfg in CONFIGS.items():
-            raw_s, ours_s = side_by_side(model, ids, new, cfg, burst)
-            out[name].append([1 / raw_s, 1 / ours_s])
+        for loop, steps in loops.items():
+            for name, cfg in CONFIGS.items():
+                ours = steps(model, Prompt(ids, new), cfg)
+                raw_s, ours_s = side_by_side(model, ids, new, ours, burst)
+                out.setdefault(loop + name, []).append([1 / raw_s, 1 / ours_s])
     return out
 
 
@@ -181,36 +212,37 @@ def main() -> None:
     parser.add_argument(
         "--burst", type=int, default=16, help="tokens per turn when raw and ours alternate"
     )
+    parser.add_argument(
+        "--bare", action="store_true", help="also time the bare loop (no text, no logprob objects)"
+    )
     parser.add_argument("--rounds-json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     _, folder = mid_model()
     if args.rounds_json:  # a child of --against: rounds only, as JSON
         model = runtime.load(folder, threads=args.threads)
-        print(json.dumps(rates(model, prompt_ids(128), args.new, args.repeats, args.burst)))
+        print(
+            json.dumps(rates(model, prompt_ids(128), args.new, args.repeats, args.burst, args.bare))
+        )
         return
     if args.against:
         compare(args)
         return
     model = runtime.load(folder, threads=args.threads)
     ids = prompt_ids(128)
-    result = summary(rates(model, ids, args.new, args.repeats, args.burst))
+    result = summary(rates(model, ids, args.new, args.repeats, args.burst, args.bare))
     for name, cfg in CONFIGS.items():
         result[name].update(traced_step(model, ids, args.new, cfg))
-    rows = []
-    for name in CONFIGS:
-        r = result[name]
-        rows.append(
-            [
-                f"ours, {name}",
-                f"{r['raw_tok_s']:.1f} / {r['tok_s']:.1f}",
-                f"{r['ratio']:.3f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})",
-                f"{r['extra_ms_per_token']:.3f}",
-            ]
-            + [
-                f"{r[k]:.3f}"
-                for k in ("model_call_ms", "other_og_calls_ms", "kernel_ms", "rest_of_loop_ms")
-            ]
-        )
+    parts = ("model_call_ms", "other_og_calls_ms", "kernel_ms", "rest_of_loop_ms")
+    rows = [
+        [
+            f"ours, {name}",
+            f"{r['raw_tok_s']:.1f} / {r['tok_s']:.1f}",
+            f"{r['ratio']:.3f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})",
+            f"{r['extra_ms_per_token']:.3f}",
+        ]
+        + [f"{r[k]:.3f}" if k in r else "" for k in parts]  # the bare loop is not traced
+        for name, r in result.items()
+    ]
     print(
         f"\nmid-size random Phi-3-mini INT4 ({folder.name}), 128-token prompt, {args.new} new "
         f"tokens, {args.threads} threads, raw and ours in turns of {args.burst} tokens, medians "
@@ -237,7 +269,7 @@ def compare(args: Any) -> None:
         for side, (python, env) in sides.items():
             command = [python, __file__, "--rounds-json", "--threads", str(args.threads)]
             command += ["--repeats", str(args.repeats), "--new", str(args.new)]
-            command += ["--burst", str(args.burst)]
+            command += ["--burst", str(args.burst)] + (["--bare"] if args.bare else [])
             out = subprocess.run(
                 command, check=True, capture_output=True, text=True, env=env
             ).stdout
