@@ -131,8 +131,6 @@ struct StepOutput {
     py::array_t<float> top_logprobs;
 };
 
-// Checks dtype int32 or uint32 and shape [rows, ceil(vocab / 32)]; returns a C-contiguous view
-// of the words as uint32 (no copy when the input already is one).
 // The engine turns every reported row into these tuples; built here, a step with top_logprobs 20
 // skips two list conversions and a Python loop over the slots.
 py::tuple alternatives(const StepOutput& step, py::ssize_t row) {
@@ -155,6 +153,8 @@ py::tuple alternatives(const StepOutput& step, py::ssize_t row) {
     return out;
 }
 
+// Checks dtype int32 or uint32 and shape [rows, ceil(vocab / 32)]; returns a C-contiguous view
+// of the words as uint32 (no copy when the input already is one).
 py::array allowed_from(const py::object& object, py::ssize_t rows, py::ssize_t vocab) {
     if (!py::isinstance<py::array>(object)) {
         throw py::type_error("allowed must be a numpy int32 or uint32 array or None, got " +

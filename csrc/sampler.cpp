@@ -9,11 +9,13 @@
 //   3-6  candidates: the tokens above a threshold, chosen from a histogram of the column maxima
 //        (or, for flat rows, of the whole row) so that they surely hold the top_logprobs, top_k
 //        and top_p sets; only the columns whose maximum reaches the threshold are visited
-//   3-6  on the candidates: partial_sort for the reported alternatives, nth_element for top_k,
+//   3-6  on the candidates: partial_sort_copy for the reported alternatives (the candidates keep
+//        their order, which the draw walks), nth_element for top_k,
 //        a weight histogram plus one sorted bin for the top_p boundary; when top_p's nucleus
 //        spans much of a flat row, its boundary is searched over the whole row instead
 //        (row_nucleus) and the candidates are only the reported alternatives
-//   7    an inverse-CDF walk over the kept candidates (or over the whole row in blocks)
+//   7    an inverse-CDF walk over the kept candidates in gather order (or over the whole row in
+//        blocks, in id order)
 // The row is seen as groups of 16 x 16 floats; a column is one lane of one group (16 elements with
 // stride 16), so column maxima come from purely vertical, vectorised max operations. Hot loops run
 // over 16 float lanes so that compilers vectorise them for any ISA with identical results; on
@@ -77,8 +79,9 @@ struct Workspace {
     std::vector<std::int32_t> column_count;  // row_nucleus: boundary tokens per column
     std::vector<double> group_mass;
     std::vector<std::int32_t> ids;  // gathered candidate ids
-    std::vector<Candidate> candidates;
-    std::vector<Candidate> boundary;  // the candidates in top_p_nucleus's boundary bin
+    std::vector<Candidate> candidates;  // in gather order (a fixed order of the ids)
+    std::vector<Candidate> best;        // the best-ranked candidates, sorted (steps 3 and 4)
+    std::vector<Candidate> boundary;    // the candidates in top_p_nucleus's boundary bin
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1115,12 +1118,12 @@ Needs needs_of(const SamplingParams& params, std::int64_t candidates, const Soft
     return needs;
 }
 
-// Steps 4-7 on candidates c[0, n), of which the first needs.head are sorted.
-std::int32_t choose_token(Candidate* c, std::size_t n, const Needs& needs, const Softmax& softmax,
-                          const SamplingParams& params, std::int64_t vocab, double u,
-                          Workspace& ws) {
+// Steps 4-7 on candidates c[0, n) in gather order; best: the best-ranked of them, sorted.
+std::int32_t choose_token(Candidate* c, std::size_t n, const Candidate* best, const Needs& needs,
+                          const Softmax& softmax, const SamplingParams& params, std::int64_t vocab,
+                          double u, Workspace& ws) {
     if (softmax.weights == nullptr) {  // 4: greedy takes the best-ranked, ties -> lowest id
-        return id_of(c[0]);
+        return id_of(best[0]);
     }
     if (needs.top_k == 0 && !needs.nucleus) {  // 7 over the whole row
         return draw_full(softmax.weights, ws.group_mass.data(), vocab, softmax.mass, u);
@@ -1128,8 +1131,8 @@ std::int32_t choose_token(Candidate* c, std::size_t n, const Needs& needs, const
     Kept kept{std::numeric_limits<std::uint64_t>::max(), softmax.mass};
     if (needs.top_k > 0) {  // 5
         const auto k = static_cast<std::size_t>(needs.top_k);
-        if (k > needs.head && k < n) {
-            std::nth_element(c + needs.head, c + k, c + n, ranks_before);
+        if (k < n) {
+            std::nth_element(c, c + k, c + n, ranks_before);
         }
         n = std::min(n, k);
         kept.mass = total_weight(c, n);
@@ -1174,19 +1177,23 @@ void sample_row(const float* raw, std::int64_t vocab, std::int64_t row,
                                   needs.min_mass, threshold);
         }
     }
+    // The best-ranked candidates are sorted into a copy: the draw walks c in gather order, so
+    // how many alternatives a row reports never changes the token its seed draws.
     Candidate* c = ws.candidates.data();
-    std::partial_sort(c, c + needs.head, c + n, ranks_before);
+    ws.best.resize(std::min(needs.head, n));
+    std::partial_sort_copy(c, c + n, ws.best.begin(), ws.best.end(), ranks_before);
+    const Candidate* best = ws.best.data();
     for (int i = 0; i < out.top_slots; ++i) {  // 3: the alternatives
         const bool used = static_cast<std::size_t>(i) < needs.top_n;
-        out.top_ids[i] = used ? id_of(c[i]) : -1;
-        out.top_logprobs[i] = used ? logprob(id_of(c[i])) : -kInf;
+        out.top_ids[i] = used ? id_of(best[i]) : -1;
+        out.top_logprobs[i] = used ? logprob(id_of(best[i])) : -kInf;
     }
     if (flat_nucleus) {
         const double kept = row_nucleus(ws, vocab, max, softmax.scale, softmax.mass,
                                         params.top_p() * softmax.mass);
         *out.token = draw_full(softmax.weights, ws.group_mass.data(), vocab, kept, u);  // 7
     } else {
-        *out.token = choose_token(c, n, needs, softmax, params, vocab, u, ws);
+        *out.token = choose_token(c, n, best, needs, softmax, params, vocab, u, ws);
     }
     *out.logprob = logprob(*out.token);
 }

@@ -95,7 +95,9 @@ def sample(
 
     len(params) == len(states) == B, every state has vocab_size V and no state appears twice.
     Each row's state then counts the chosen token and advances its RNG by one draw; a call that
-    raises changes no state. The GIL is released while the kernel runs.
+    raises changes no state. The GIL is released while the kernel runs. Which alternatives a row
+    reports (logprobs, top_logprobs) never changes the token its RNG draws, as long as a top_k
+    in use is at least top_logprobs.
     """
 
 def force_logits(

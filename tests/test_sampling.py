@@ -230,6 +230,33 @@ def test_without_logprobs_the_same_tokens_are_chosen_and_no_logprob_is_made(
     assert not SamplingParams(logprobs=False).logprobs and SamplingParams().logprobs
 
 
+@pytest.mark.parametrize("spread", [0.6, 3.0])  # a random-weight model's flat rows; peaked ones
+@pytest.mark.parametrize(  # a top_k in use at least top_logprobs (see sample())
+    ("temperature", "top_p", "top_k"),
+    [(0.7, 0.9, 0), (1.0, 0.5, 0), (1.3, 0.95, 0), (0.5, 1.0, 0), (0.8, 0.9, 40)],
+)
+def test_how_many_alternatives_are_reported_never_changes_the_draw(
+    spread: float, temperature: float, top_p: float, top_k: int
+) -> None:
+    logits = np.random.default_rng(11).normal(0.0, spread, size=(64, 32064)).astype(np.float32)
+    rows = len(logits)
+
+    def tokens(top_logprobs: int, logprobs: bool = True) -> list[int]:
+        params = SamplingParams(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            top_logprobs=top_logprobs,
+            logprobs=logprobs,
+        )
+        return sample(logits, [params] * rows, states_for(rows, 32064)).tokens.tolist()
+
+    alone = tokens(0, logprobs=False)
+    assert len(set(alone)) > rows // 2  # the rows draw, not all the same best token
+    for top_logprobs in (1, 5, 20):
+        assert tokens(top_logprobs) == alone, top_logprobs
+
+
 def test_alternatives_pair_each_rows_used_slots() -> None:
     logits = np.log(np.array([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]], np.float32))
     params = [SamplingParams(temperature=0.0, top_logprobs=3), SamplingParams(top_logprobs=1)]
