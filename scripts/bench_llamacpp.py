@@ -13,11 +13,11 @@ Measures prefill tok/s (128-token prompt) and decode tok/s (64 tokens) for:
   - phi3edge (all sampling features on) on INT4 exports named as in scripts/bench_quant.py
     (``--configs``; default: the recommended layout, plain rtn and rtn at block 128);
   - llama.cpp Q4_0 and Q4_K_M (``Llama.eval`` on the same token ids, greedy next token).
-Every runtime stays loaded and the runs alternate: each of --repeats rounds runs every runtime once,
-so a slow spell of a shared machine hits all of them alike; each figure is the median over the
-rounds (the models together need about 15 GB of RAM). The cosine column
-compares each runtime's logits with transformers' float32 model at every position of a 64-token
-prompt (as in scripts/bench_quant.py), so speed and accuracy are weighed on the same weights.
+Every runtime stays loaded, runs once untimed, and then the runs alternate: each of --repeats rounds
+runs every runtime once, so a slow spell of a shared machine hits all of them alike; each figure is
+the median over the rounds (the models together need about 15 GB of RAM). The cosine column compares
+each runtime's logits with transformers' float32 model at every position of a 64-token prompt (as in
+scripts/bench_quant.py), so speed and accuracy are weighed on the same weights.
 """
 
 from __future__ import annotations
@@ -137,6 +137,8 @@ def main() -> None:
         )
         size_gb[name] = path.stat().st_size / 1e9
         runners[name] = LlamaCppRunner(path, args.threads)
+    for run in runners.values():  # first touch of each model's weights, outside the rounds
+        run(ids)
     speeds = alternating_medians(
         {name: functools.partial(run, ids) for name, run in runners.items()}, args.repeats
     )
