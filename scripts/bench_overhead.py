@@ -1,7 +1,7 @@
 """Our per-token overhead against raw onnxruntime-genai where a model step is short (#12 part 3).
 
 Usage: python scripts/bench_overhead.py [--threads 2] [--repeats 3] [--new 256] [--out results/]
-                                        [--against PYTHON --processes 3]
+                                        [--burst 16] [--bare] [--against PYTHON --processes 3]
 
 On the mid-size random Phi-3-mini (hidden 1024, 8 layers, V = 32064; ``benchlib.mid_model``,
 built once and cached), 128-token prompt, ``--new`` new tokens:
@@ -15,7 +15,9 @@ built once and cached), 128-token prompt, ``--new`` new tokens:
     than the difference measured). Per run and configuration: our rate over raw's and our extra
     time per token; the medians over ``--repeats`` runs.
 Then one traced run of each configuration splits a step into the call that runs the model,
-onnxruntime-genai's other calls, our sampling kernel and the rest of our loop.
+onnxruntime-genai's other calls, our sampling kernel and the rest of our loop. ``--bare`` also
+measures the bare loop (``bare_loop``), side by side with raw in the same way: the floor of any
+loop that samples with our kernel through onnxruntime-genai's Python API.
 
 ``--against PYTHON``: the same measurement with another installed phi3edge (an older commit
 installed into its own virtualenv), in ``--processes`` child processes per side started
