@@ -72,18 +72,17 @@ from phi3edge.schema import SamplingConfig
 DECODE_TOKENS = 64
 
 
-def raw_og(
+def raw_generator(
     model: runtime.LoadedModel,
     ids: list[int],
     new_tokens: int,
     lark: str | None = None,
     ngram: bool = False,
-) -> tuple[float, float]:
-    """onnxruntime-genai's own greedy loop: (seconds to first token, decode tok/s).
+) -> Any:
+    """A generator of onnxruntime-genai's own greedy search for ``ids``, prompt not yet appended.
 
     Without ``lark`` it runs exactly ``new_tokens``; with it, its own llguidance holds the answer
-    to that grammar (the run ends with it, and the rate counts what was made). ``ngram``: with
-    its own n-gram speculation."""
+    to that grammar. ``ngram``: with its own n-gram speculation."""
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model.model)
@@ -94,7 +93,19 @@ def raw_og(
         params.set_guidance("lark_grammar", lark)
     if ngram:
         params.set_speculative_options(ngram_size=3, max_draft_tokens=4)
-    generator = og.Generator(model.model, params)
+    return og.Generator(model.model, params)
+
+
+def raw_og(
+    model: runtime.LoadedModel,
+    ids: list[int],
+    new_tokens: int,
+    lark: str | None = None,
+    ngram: bool = False,
+) -> tuple[float, float]:
+    """onnxruntime-genai's own greedy loop (``raw_generator``): (seconds to first token, decode
+    tok/s); with ``lark`` the run ends with the grammar and the rate counts what was made."""
+    generator = raw_generator(model, ids, new_tokens, lark, ngram)
     started = time.perf_counter()
     generator.append_tokens(np.array([ids], dtype=np.int32))
     generator.generate_next_token()

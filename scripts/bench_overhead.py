@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engine import raw_og  # noqa: E402
+from bench_engine import raw_generator, raw_og  # noqa: E402
 from benchlib import ALL_FEATURES, bench_arguments, machine, mid_model, table  # noqa: E402
 
 import phi3edge  # noqa: E402
@@ -88,12 +88,7 @@ def side_by_side(
     """Decode seconds per token of raw onnxruntime-genai and of ``ours`` (the steps of a request
     for ``ids`` and ``new`` tokens), the two decoding in turns of ``burst`` tokens (prefills and
     first tokens untimed)."""
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model.model)
-    total = len(ids) + new
-    params.set_search_options(max_length=total, min_length=total, batch_size=1)
-    raw = og.Generator(model.model, params)
+    raw = raw_generator(model, ids, new)
     raw.append_tokens(np.array([ids], dtype=np.int32))
     raw.generate_next_token()
     while not next(ours):  # prefill chunks yield [], the first token a step
