@@ -80,6 +80,24 @@ def sampler_params(cfg: SamplingConfig, vocab_size: int) -> _sampling.SamplingPa
     )
 
 
+def search_can_pick(cfg: SamplingConfig) -> bool:
+    """Whether onnxruntime-genai's own greedy search may pick a lone choice's tokens: greedy,
+    with nothing for our sampler to do (no logit_bias, penalties, logprobs or grammar).
+
+    Its search reads the logits in place, where our kernel needs them copied to a numpy array
+    first (``get_output``): on a short model step the copy alone is 2-3% of it (README, #12 part
+    3). Both take the highest logit, ties to the lowest id, so the tokens are the same."""
+    return (
+        cfg.temperature == 0
+        and not cfg.logit_bias
+        and cfg.presence_penalty == 0
+        and cfg.frequency_penalty == 0
+        and not cfg.logprobs
+        and cfg.top_logprobs == 0
+        and cfg.grammar is None
+    )
+
+
 CACHE_HEADROOM = 1024  # tokens of KV allocated beyond a cached request's own need
 
 
@@ -173,7 +191,14 @@ def _new_generator(
     preallocate = max_length * batch * model.kv_bytes_per_token <= KV_PREALLOCATE_BYTES
     search = og.GeneratorParams(model.model)
     search.set_search_options(
-        max_length=max_length, batch_size=batch, past_present_share_buffer=preallocate
+        max_length=max_length,
+        batch_size=batch,
+        past_present_share_buffer=preallocate,
+        # its search only ever takes the best logit (of forced logits in a batch, of a lone
+        # plain-greedy choice's own): whatever genai_config.json says, nothing else alters them
+        do_sample=False,
+        min_length=0,
+        repetition_penalty=1.0,
     )
     generator = og.Generator(model.model, search)
     if adapter is not None:
@@ -249,6 +274,7 @@ def generate(
                 cfg.logprobs,
                 halt,
                 _constraint(model, cfg),
+                search_picks=search_can_pick(cfg),
             )
             spec = (stats or SpeculationStats()) if speculative else None
             yield from _decode_one(model, generator, row, prompt.ids, capacity, spec)
@@ -414,6 +440,7 @@ class _Row:
     logprobs: bool
     halt: Halt | None = None
     constraint: Constraint | None = None  # structured output: the tokens it allows
+    search_picks: bool = False  # a lone row: onnxruntime-genai's greedy search picks its tokens
 
     @property
     def open(self) -> bool:
@@ -457,7 +484,9 @@ def _decode(
                         masks[i] = -1
         step = _sampling.sample(generator.get_logits(), params, states, masks)
         yield reported + [
-            (r.request, _advance(model, r, step, i)) for i, r in enumerate(rows) if r.open
+            (r.request, _advance(model, r, int(step.tokens[i]), step, i))
+            for i, r in enumerate(rows)
+            if r.open
         ]
         if not any(r.open for r in rows):
             return
@@ -491,53 +520,79 @@ def _decode_one(
     the logits), and for deterministic drafts this is speculative sampling's accept/resample rule:
     the output distribution is unchanged.
 
-    ``generate_next_token`` is never used here: it adds a token without running the model on it,
-    so drafts appended after it would get wrong logits.
+    A plain-greedy row (``search_can_pick``) lets onnxruntime-genai's own search pick whenever a
+    call gave one position (``generate_next_token``, which reads the logits in place, no copy and
+    no kernel): the same tokens, a few percent faster on a short model step. Its pick is added
+    without the model running on it, so drafts are never appended after it: when drafts follow,
+    the pick is rewound and appended together with them; otherwise the next ``generate_next_token``
+    runs it. A pick left unrun when the choice ends is rewound, so the generator holds only tokens
+    the model ran (the prefix cache reuses them).
     """
     lookup = PromptLookup(history) if speculation is not None else None
     length = DraftLength()
     masks = np.full((1, mask_words(model.vocab_size)), -1, np.int32) if row.constraint else None
-    in_generator = len(history)  # tokens the generator holds, rejected drafts included
-    logits = generator.get_logits()  # [1, 1, V]: after the prompt
-    drafts: list[int] = []
-    while True:
-        accepted, token = 0, -1
-        for j in range(logits.shape[1]):  # position j follows the appended token j
-            halted = _halt(row)
-            if halted is not None:
-                if halted.finish_reason:
-                    yield [halted]
-                return
-            if masks is not None and row.constraint is not None:
-                row.constraint.fill(masks[0])
-            step = _sampling.sample(logits[:, j], [row.params], [row.state], masks)
-            if speculation is not None:
-                speculation.tokens += 1
-            yield [_advance(model, row, step, 0)]
-            if not row.open:
-                return
-            token = int(step.tokens[0])
-            if lookup is not None:
-                lookup.append(token)
-            if j < len(drafts) and token == drafts[j]:
-                accepted += 1
-            else:
-                break
-        keep = in_generator - len(drafts) + accepted
-        if lookup is not None and speculation is not None:
-            speculation.accepted += accepted
-            length.update(len(drafts), accepted)
-            if keep < in_generator:
-                generator.rewind_to(keep)
-            room = min(capacity - keep - 1, row.max_new_tokens - row.choice.generated - 1)
-            drafts = lookup.draft(min(length.next(), room))
-            if drafts and row.constraint is not None:  # what the grammar forbids cannot be chosen
-                drafts = drafts[: row.constraint.allowed_prefix(drafts)]
-            speculation.model_calls += 1
-            speculation.drafted += len(drafts)
-        generator.append_tokens(np.asarray([[token, *drafts]], dtype=np.int32))
-        in_generator = keep + 1 + len(drafts)
-        logits = generator.get_output("logits")
+    held = len(history)  # tokens the model has run, rejected drafts included
+    pending = False  # the search's last pick is in the generator, not yet run by the model
+    drafts: list[int] = []  # appended with the last chosen token in the last model call
+    logits = None if row.search_picks else generator.get_logits()  # [1, 1, V]: after the prompt
+    try:
+        while True:
+            accepted, token = 0, -1
+            positions = 1 if logits is None else logits.shape[1]
+            for j in range(positions):  # position j follows the appended token j
+                halted = _halt(row)
+                if halted is not None:
+                    if halted.finish_reason:
+                        yield [halted]
+                    return
+                if logits is None:  # one position: the search picks, reading the logits in place
+                    generator.generate_next_token()  # runs the model on its last pick first
+                    held += pending
+                    token, pending = int(generator.get_next_tokens()[0]), True
+                    step: _sampling.StepOutput | None = None
+                else:
+                    if masks is not None and row.constraint is not None:
+                        row.constraint.fill(masks[0])
+                    step = _sampling.sample(logits[:, j], [row.params], [row.state], masks)
+                    token = int(step.tokens[0])
+                if speculation is not None:
+                    speculation.tokens += 1
+                yield [_advance(model, row, token, step)]
+                if not row.open:
+                    return
+                if lookup is not None:
+                    lookup.append(token)
+                if j < len(drafts) and token == drafts[j]:
+                    accepted += 1
+                else:
+                    break
+            keep = held - len(drafts) + accepted
+            if lookup is not None and speculation is not None:
+                speculation.accepted += accepted
+                length.update(len(drafts), accepted)
+                if keep < held:
+                    generator.rewind_to(keep)
+                room = min(capacity - keep - 1, row.max_new_tokens - row.choice.generated - 1)
+                drafts = lookup.draft(min(length.next(), room))
+                if drafts and row.constraint is not None:  # what the grammar forbids is not chosen
+                    drafts = drafts[: row.constraint.allowed_prefix(drafts)]
+                speculation.model_calls += 1
+                speculation.drafted += len(drafts)
+            if row.search_picks and not drafts:
+                logits = None  # the next round's search call runs the model on this token
+                if not pending:
+                    generator.append_tokens(np.asarray([[token]], dtype=np.int32))
+                    held = keep + 1
+                continue
+            if pending:  # the search's pick runs together with the drafts instead
+                generator.rewind_to(held)
+                pending = False
+            generator.append_tokens(np.asarray([[token, *drafts]], dtype=np.int32))
+            held = keep + 1 + len(drafts)
+            logits = generator.get_output("logits")
+    finally:
+        if pending:  # the generator keeps only tokens the model ran (PrefixCache reads them)
+            generator.rewind_to(held)
 
 
 def _halt(row: _Row) -> ChoiceStep | None:
@@ -558,11 +613,17 @@ def _halt(row: _Row) -> ChoiceStep | None:
     return out
 
 
-def _advance(model: LoadedModel, row: _Row, step: _sampling.StepOutput, i: int) -> ChoiceStep:
-    """Take row ``row``'s token from ``step`` (its ``i``-th row): text, logprobs, and whether the
+def _advance(
+    model: LoadedModel,
+    row: _Row,
+    token: int,
+    step: _sampling.StepOutput | None = None,
+    i: int = 0,
+) -> ChoiceStep:
+    """Take ``token`` as row ``row``'s next: text, logprobs (from ``step``, the kernel's output
+    in which the row is the ``i``-th; a row that reports none needs no ``step``), and whether the
     choice ends (EOS, a stop string, a complete grammar, max_tokens)."""
     choice = row.choice
-    token = int(step.tokens[i])
     choice.generated += 1
     out = ChoiceStep(choice.index, sampled=True)
     if row.constraint is not None:
@@ -570,7 +631,7 @@ def _advance(model: LoadedModel, row: _Row, step: _sampling.StepOutput, i: int) 
     if token in model.eos_ids:
         choice.finish_reason = "stop"
     else:
-        if row.logprobs:
+        if row.logprobs and step is not None:
             out.tokens.append(TokenLogprob(token, float(step.logprobs[i]), step.alternatives(i)))
         out.text = choice.stop.push(choice.decoder.push(token))
         if choice.stop.stopped:

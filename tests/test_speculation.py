@@ -164,6 +164,69 @@ def test_a_constraint_follows_the_accepted_tokens(model: runtime.LoadedModel) ->
     _assert_same(plain, fast)
 
 
+# ------------------------------------------------------- plain greedy: the generator's own search
+
+PLAIN = SamplingConfig(temperature=0.0)  # nothing for our kernel to do: the search picks
+BY_KERNEL = SamplingConfig(temperature=0.0, logprobs=True)  # the same choices, through our kernel
+
+
+class _Counted:
+    """A generator whose onnxruntime-genai calls are counted by name."""
+
+    def __init__(self, generator: Any, calls: dict[str, int]) -> None:
+        self._generator, self._calls = generator, calls
+
+    def __getattr__(self, name: str) -> Any:
+        self._calls[name] = self._calls.get(name, 0) + 1
+        return getattr(self._generator, name)
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    counted: dict[str, int] = {}
+    make = engine._new_generator
+    monkeypatch.setattr(engine, "_new_generator", lambda *a, **k: _Counted(make(*a, **k), counted))
+    return counted
+
+
+def _texts(steps: Iterator[list[engine.ChoiceStep]]) -> list[tuple[str, str | None]]:
+    return [(step.text, step.finish_reason) for s in steps for step in s]
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_the_search_picks_the_tokens_our_kernel_picks(
+    model: runtime.LoadedModel, calls: dict[str, int], speculative: bool
+) -> None:
+    by_kernel, _ = _run(model, BY_KERNEL, speculative=False, new_tokens=200)
+    calls.clear()
+    by_search, stats = _run(model, PLAIN, speculative=speculative, new_tokens=200)
+    assert [s[:3] for s in by_search] == [s[:3] for s in by_kernel]
+    assert len(by_search) > 100  # the test model runs long before it ends
+    assert calls["generate_next_token"] > 0
+    if speculative:  # drafts followed the search's picks: accepted and rejected
+        assert 0 < stats.accepted < stats.drafted
+    else:  # one call per token, no copy of the logits
+        assert calls["generate_next_token"] == len(by_search)
+        assert "get_output" not in calls and "get_logits" not in calls
+
+
+def test_a_kept_generator_holds_only_tokens_the_model_ran(model: runtime.LoadedModel) -> None:
+    """The search's last pick is added without the model running on it; the prefix cache must
+    not reuse it as if it had run."""
+    ids, new = _prompt(), 30
+    by_kernel = list(engine.generate(model, Prompt(ids, new), BY_KERNEL))
+    chosen = [t.token_id for s in by_kernel for step in s for t in step.tokens]
+    assert len(chosen) == new
+    cache = engine.PrefixCache(1)
+    by_search = engine.generate(model, Prompt(ids, new), PLAIN, cache=cache)
+    assert _texts(by_search) == _texts(iter(by_kernel))
+    assert cache._kept[0][1] == ids + chosen[:-1]  # the last pick never ran
+    follow = ids + chosen + [1000, 2000, 3000]
+    warm = _texts(engine.generate(model, Prompt(follow, new), PLAIN, cache=cache))
+    assert cache.hits == 1 and cache.reused_tokens == len(ids) + len(chosen) - 1
+    assert warm == _texts(engine.generate(model, Prompt(follow, new), PLAIN))
+
+
 # ----------------------------------------------------------------------------- the client
 
 
