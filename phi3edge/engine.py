@@ -547,7 +547,8 @@ def _decode_one(
                     return
                 if logits is None:  # one position: the search picks, reading the logits in place
                     generator.generate_next_token()  # runs the model on its last pick first
-                    held += pending
+                    if pending:
+                        held += 1
                     token, pending = int(generator.get_next_tokens()[0]), True
                     step: _sampling.StepOutput | None = None
                 else:
@@ -631,7 +632,8 @@ def _advance(
     if token in model.eos_ids:
         choice.finish_reason = "stop"
     else:
-        if row.logprobs and step is not None:
+        if row.logprobs:
+            assert step is not None, "a row that reports logprobs is sampled by our kernel"
             out.tokens.append(TokenLogprob(token, float(step.logprobs[i]), step.alternatives(i)))
         out.text = choice.stop.push(choice.decoder.push(token))
         if choice.stop.stopped:

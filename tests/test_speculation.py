@@ -10,6 +10,7 @@ something to match; the tests check that drafts were in fact accepted and reject
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,14 @@ def test_the_search_picks_the_tokens_our_kernel_picks(
     else:  # one call per token, no copy of the logits
         assert calls["generate_next_token"] == len(by_search)
         assert "get_output" not in calls and "get_logits" not in calls
+
+
+def test_each_of_n_plain_greedy_choices_is_the_kernels_answer(model: runtime.LoadedModel) -> None:
+    """Each further choice rewinds to the prompt, past the previous choice's unrun pick."""
+    ids = _prompt()
+    answer = _texts(engine.generate(model, Prompt(ids, 30), BY_KERNEL))
+    choices = _texts(engine.generate(model, Prompt(ids, 30), replace(PLAIN, n=3)))
+    assert choices == answer * 3
 
 
 def test_a_kept_generator_holds_only_tokens_the_model_ran(model: runtime.LoadedModel) -> None:
