@@ -74,6 +74,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         "method": args.quant_method,
         "symmetric": False if args.asymmetric else None,
         "int8_matmuls": tuple(args.int8_matmul) or None,
+        "int8_layers": args.int8_layers,
     }
     given = {name: value for name, value in given.items() if value is not None}
     if given and args.precision != "int4":
@@ -475,8 +476,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         choices=["qkv_proj", "o_proj", "down_proj"],
-        help="keep this MatMul at int8 in every layer (repeat for more; k_quant methods only; "
-        "Phi-3-mini, Phi-3-medium, Phi-3.5-mini)",
+        help="keep this MatMul at int8 in every layer, or in those --int8-layers names (repeat "
+        "for more; k_quant methods only; Phi-3-mini, Phi-3-medium, Phi-3.5-mini)",
+    )
+    exp.add_argument(
+        "--int8-layers",
+        choices=["all", "mixed", "others"],
+        help="the layers whose --int8-matmul MatMuls go int8: all (the default), mixed (those "
+        "llama.cpp's Q4_K_M keeps at higher precision: the first and last eighth and every third "
+        "between) or others (the rest)",
     )
     exp.add_argument(
         "--asymmetric",

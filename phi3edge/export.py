@@ -65,8 +65,21 @@ METHOD_PRESETS = {
     "k_quant_last": ("last_matmul",),
     "k_quant_mixed": ("last_matmul", "mixed_layers"),
 }
-# Per-layer MatMuls that ``int8_matmuls`` can keep at int8 in every layer (the builder's names).
+# Per-layer MatMuls that ``int8_matmuls`` can keep at int8 (the builder's names).
 LAYER_MATMULS = {"qkv_proj": "attn", "o_proj": "attn", "down_proj": "mlp"}
+# The layers whose ``int8_matmuls`` go int8: every layer, the layers llama.cpp's Q4_K_M keeps at
+# higher precision (``mixed_layers``), or the others.
+INT8_LAYERS = ("all", "mixed", "others")
+
+
+def mixed_layers(layers: int) -> list[int]:
+    """The layers llama.cpp's Q4_K_M upgrades, as the builder's ``mixed_layers`` preset (its
+    ``make_matmul_mixed_precision``) picks them: the first and last eighth, and every third
+    layer between."""
+    eighth = layers / 8
+    return [
+        i for i in range(layers) if i < eighth or i >= 7 * eighth or (i - round(eighth)) % 3 == 2
+    ]
 
 
 @dataclass(frozen=True)
@@ -77,7 +90,8 @@ class Int4Options:
 
     ``symmetric``: RTN blocks without (True) or with (False) a zero point; None is the method's
     own layout (RTN symmetric; k-quant always stores a minimum per block, so it is asymmetric).
-    ``int8_matmuls``: per-layer MatMuls (``LAYER_MATMULS``) kept at int8 in every layer.
+    ``int8_matmuls``: per-layer MatMuls (``LAYER_MATMULS``) kept at int8, in the layers that
+    ``int8_layers`` (``INT8_LAYERS``) names.
     """
 
     block_size: int = DEFAULT_BLOCK_SIZE
@@ -87,6 +101,7 @@ class Int4Options:
     method: str = "rtn"
     symmetric: bool | None = None
     int8_matmuls: tuple[str, ...] = ()
+    int8_layers: str = "all"
 
     def check(self) -> None:
         for name, value, allowed in (
@@ -95,6 +110,7 @@ class Int4Options:
             ("lm_head", self.lm_head, LM_HEADS),
             ("embeddings", self.embeddings, EMBEDDINGS),
             ("quant method", self.method, METHODS),
+            ("int8 layers", self.int8_layers, INT8_LAYERS),
         ):
             if value not in allowed:
                 raise ExportError(f"{name} must be one of {allowed}, not {value!r}")
@@ -114,6 +130,11 @@ class Int4Options:
         if unknown:
             raise ExportError(
                 f"int8 MatMuls must be among {tuple(LAYER_MATMULS)}, not {', '.join(unknown)}"
+            )
+        if self.int8_layers != "all" and not self.int8_matmuls:
+            raise ExportError(
+                f"int8 layers {self.int8_layers!r} choose where int8 MatMuls go; name them too "
+                f"(int8_matmuls, --int8-matmul)"
             )
         if self.int8_matmuls and self.method == "rtn":
             raise ExportError(
@@ -137,6 +158,15 @@ class Int4Options:
             "int8_matmuls": list(self.int8_matmuls),
         }
 
+    def int8_layer_indices(self, layers: int) -> list[int]:
+        """The layers, of a model of ``layers``, whose ``int8_matmuls`` go int8."""
+        if self.int8_layers == "all":
+            return list(range(layers))
+        mixed = mixed_layers(layers)
+        if self.int8_layers == "mixed":
+            return mixed
+        return [i for i in range(layers) if i not in mixed]
+
     def builder_target_options(self, layers: int) -> dict[str, Any] | None:
         """The builder's ``target_options`` for a model of ``layers`` layers: per-node weight
         overrides when ``int8_matmuls`` asks for them, else None. Structured overrides replace
@@ -152,7 +182,7 @@ class Int4Options:
                     "match": {"name": f"/model/layers.{i}/{LAYER_MATMULS[name]}/{name}/MatMul"},
                     "type": "int8",
                 }
-                for i in range(layers)
+                for i in self.int8_layer_indices(layers)
             ]
         return {"quant_config": {"weights": {"overrides": overrides}}}
 
@@ -325,7 +355,7 @@ def export(
         )
         _run_builder(source_dir, staging, precision, options, say, member.architecture, target)
         if target:
-            _check_int8_matmuls(staging, int4.int8_matmuls)
+            _check_int8_matmuls(staging, int4, int(config["num_hidden_layers"]))
         checksum = source_checksum(source_dir)
         Manifest(
             catalog_id=member.id,
@@ -346,22 +376,27 @@ def export(
     return out
 
 
-def _check_int8_matmuls(folder: Path, names: tuple[str, ...]) -> None:
-    """Every layer's ``names`` MatMuls came out int8: the builder skips an override naming no
-    node without a word, so a renamed node would otherwise quietly stay INT4."""
+def _check_int8_matmuls(folder: Path, int4: Int4Options, layers: int) -> None:
+    """The ``int8_matmuls`` of the layers ``int4`` names came out int8: the builder skips an
+    override naming no node without a word, so a renamed node would otherwise quietly stay INT4."""
     import onnx
 
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
-    for name in names:
-        bits = [
-            attribute.i
-            for node in graph.node
-            if node.op_type == "MatMulNBits" and f"/{name}/MatMul" in node.name
-            for attribute in node.attribute
-            if attribute.name == "bits"
-        ]
-        if not bits or any(b != 8 for b in bits):
-            raise ExportError(f"the builder did not keep every {name} MatMul at int8: {bits}")
+    bits_of = {
+        node.name: attribute.i
+        for node in graph.node
+        if node.op_type == "MatMulNBits"
+        for attribute in node.attribute
+        if attribute.name == "bits"
+    }
+    for name in int4.int8_matmuls:
+        for i in int4.int8_layer_indices(layers):
+            prefix = f"/model/layers.{i}/{LAYER_MATMULS[name]}/{name}/MatMul"
+            bits = [b for node, b in bits_of.items() if node.startswith(prefix)]
+            if bits != [8]:
+                raise ExportError(
+                    f"the builder did not keep layer {i}'s {name} MatMul at int8: bits {bits}"
+                )
 
 
 def _check_k_quant_blocks(int4: Int4Options, config: dict[str, Any]) -> None:

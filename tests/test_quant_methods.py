@@ -28,6 +28,9 @@ METHODS = {
     "k_quant_mixed": export.Int4Options(method="k_quant_mixed"),
     "k_quant_mixed+down": export.Int4Options(method="k_quant_mixed", int8_matmuls=("down_proj",)),
     "recommended": export.RECOMMENDED,  # the default: block 128, int8 o_proj too
+    "k_quant_mixed+o-others": export.Int4Options(
+        method="k_quant_mixed", int8_matmuls=("o_proj",), int8_layers="others"
+    ),
 }
 
 
@@ -89,7 +92,9 @@ def test_each_method_exports_the_layout_it_names(name: str, exports: dict[str, P
     assert all(zero_points.values()) is asymmetric and any(zero_points.values()) is asymmetric
     int8 = {n for n, a in nodes.items() if a["bits"] == 8}
     lm_head = next(n for n in nodes if n.startswith("/lm_head/"))
-    if name in ("k_quant_last", "k_quant_mixed", "k_quant_mixed+down", "recommended"):
+    if name in ("k_quant_last", "k_quant_mixed", "k_quant_mixed+down", "recommended") or (
+        name == "k_quant_mixed+o-others"
+    ):
         assert manifest["lm_head"] == "int8"
         assert lm_head in int8
     else:
@@ -113,6 +118,13 @@ def test_each_method_exports_the_layout_it_names(name: str, exports: dict[str, P
             "/model/layers.0/attn/qkv_proj/MatMul_Q8",
             "/model/layers.0/mlp/down_proj/MatMul_Q8",
             "/model/layers.0/attn/o_proj/MatMul_Q8",
+            "/model/layers.1/attn/o_proj/MatMul_Q8",
+        }
+    if name == "k_quant_mixed+o-others":  # o_proj only where k_quant_mixed upgrades nothing
+        assert int8 == {
+            lm_head,
+            "/model/layers.0/attn/qkv_proj/MatMul_Q8",
+            "/model/layers.0/mlp/down_proj/MatMul_Q8",
             "/model/layers.1/attn/o_proj/MatMul_Q8",
         }
     assert {a["block_size"] for a in nodes.values()} == {options.block_size}
@@ -201,6 +213,21 @@ def test_unknown_int8_matmul_is_refused() -> None:
         export.Int4Options(method="k_quant", int8_matmuls=("gate_proj",)).check()
 
 
+def test_int8_layers_need_int8_matmuls_and_a_known_name() -> None:
+    with pytest.raises(export.ExportError, match="name them too"):
+        export.Int4Options(method="k_quant", int8_layers="mixed").check()
+    with pytest.raises(export.ExportError, match="int8 layers must be one of"):
+        export.Int4Options(method="k_quant", int8_matmuls=("o_proj",), int8_layers="odd").check()
+
+
+def test_mixed_layers_are_llama_cpps_for_phi3_depths() -> None:
+    """llama.cpp's use_more_bits (llama-quant.cpp): i < n/8, i >= 7n/8, (i - n/8) % 3 == 2."""
+    assert export.mixed_layers(32) == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    assert export.mixed_layers(40)[:6] == [0, 1, 2, 3, 4, 7] and len(export.mixed_layers(40)) == 20
+    options = export.Int4Options(method="k_quant", int8_matmuls=("o_proj",), int8_layers="others")
+    assert sorted(options.int8_layer_indices(32) + export.mixed_layers(32)) == list(range(32))
+
+
 def test_int8_matmuls_are_refused_for_other_architectures(
     tmp_path: Path, model_factory: Callable
 ) -> None:
@@ -242,8 +269,12 @@ def test_k_quant_export_from_python_prints_no_quantizer_chatter(
             ["--quant-method", "k_quant", "--int8-matmul", "o_proj"],
             export.Int4Options(method="k_quant", int8_matmuls=("o_proj",)),
         ),
+        (
+            ["--quant-method", "k_quant", "--int8-matmul", "o_proj", "--int8-layers", "mixed"],
+            export.Int4Options(method="k_quant", int8_matmuls=("o_proj",), int8_layers="mixed"),
+        ),
     ],
-    ids=["none", "block-size", "method-and-int8"],
+    ids=["none", "block-size", "method-and-int8", "int8-layers"],
 )
 def test_layout_options_describe_the_whole_layout(
     tmp_path: Path, model_factory: Callable, flags: list[str], expected: export.Int4Options
