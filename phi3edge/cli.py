@@ -447,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="Hugging Face checkpoint -> INT4/fp32 ONNX folder",
         description="Without INT4 layout options, Phi-3-mini, Phi-3-medium and Phi-3.5-mini get "
-        "the recommended layout: k_quant_mixed at block 128 with every o_proj at int8 "
+        "the recommended layout: k_quant_mixed at block 128 with o_proj at int8 in the layers "
+        "k_quant_mixed upgrades "
         "(Phi-3-small and Phi-3.5-MoE: rtn at block 32). Any layout option describes the "
         "layout instead, each option not given taking its plain value (rtn, block 32, accuracy "
         "level 4, int4 lm_head, fp32 embeddings, no int8 MatMuls).",

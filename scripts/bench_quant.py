@@ -47,7 +47,7 @@ from phi3edge.schema import SamplingConfig
 # name (for --configs) -> (label in the table, export.Int4Options keyword arguments)
 CONFIGS: dict[str, tuple[str, dict[str, int | str | bool | tuple[str, ...]]]] = {
     "recommended": (
-        "k_quant_mixed, block 128, int8 o_proj (the default)",
+        "k_quant_mixed, block 128, int8 o_proj in k_quant_mixed's layers (the default)",
         {  # the fields in which it differs from the plain layout
             name: value
             for name, value in asdict(export.RECOMMENDED).items()
@@ -112,14 +112,9 @@ CONFIGS: dict[str, tuple[str, dict[str, int | str | bool | tuple[str, ...]]]] = 
             "int8_layers": "others",
         },
     ),
-    "k_quant_mixed_block128_o_mixed": (
-        "k_quant_mixed, block 128, int8 o_proj in k_quant_mixed's layers",
-        {
-            "method": "k_quant_mixed",
-            "block_size": 128,
-            "int8_matmuls": ("o_proj",),
-            "int8_layers": "mixed",
-        },
+    "k_quant_mixed_block128_o": (
+        "k_quant_mixed, block 128, int8 o_proj in every layer (the default until 2026-12-07)",
+        {"method": "k_quant_mixed", "block_size": 128, "int8_matmuls": ("o_proj",)},
     ),
     "k_quant_mixed_block64_o": (
         "k_quant_mixed, block 64, int8 o_proj",

@@ -29,7 +29,7 @@ def test_manifest_records_the_export(tiny_int4: Path, model_factory: Callable) -
         "method": "k_quant_mixed",
         "symmetric": False,
         "int8_matmuls": ["o_proj"],
-        "int8_layers": "all",
+        "int8_layers": "mixed",
     }
     assert manifest.context_length == 2048
     assert manifest.accepts_system_role is False

@@ -27,7 +27,7 @@ METHODS = {
     "k_quant_last": export.Int4Options(method="k_quant_last"),
     "k_quant_mixed": export.Int4Options(method="k_quant_mixed"),
     "k_quant_mixed+down": export.Int4Options(method="k_quant_mixed", int8_matmuls=("down_proj",)),
-    "recommended": export.RECOMMENDED,  # the default: block 128, int8 o_proj too
+    "recommended": export.RECOMMENDED,  # the default: block 128, int8 o_proj in mixed layers
     "k_quant_mixed+o-others": export.Int4Options(
         method="k_quant_mixed", int8_matmuls=("o_proj",), int8_layers="others"
     ),
@@ -112,13 +112,12 @@ def test_each_method_exports_the_layout_it_names(name: str, exports: dict[str, P
             "/model/layers.0/mlp/down_proj/MatMul_Q8",
             "/model/layers.1/mlp/down_proj/MatMul_Q8",
         }
-    if name == "recommended":  # k_quant_mixed's, and every layer's o_proj
+    if name == "recommended":  # k_quant_mixed's, and o_proj in its layers
         assert int8 == {
             lm_head,
             "/model/layers.0/attn/qkv_proj/MatMul_Q8",
             "/model/layers.0/mlp/down_proj/MatMul_Q8",
             "/model/layers.0/attn/o_proj/MatMul_Q8",
-            "/model/layers.1/attn/o_proj/MatMul_Q8",
         }
     if name == "k_quant_mixed+o-others":  # o_proj only where k_quant_mixed upgrades nothing
         assert int8 == {
@@ -162,7 +161,8 @@ def test_k_quant_is_at_least_as_accurate_as_rtn(parity: dict[str, np.ndarray]) -
     """What the methods are for, measured on the same prompt: k-quant's searched scale and
     minimum lose no accuracy to RTN (measured mean 0.9865 vs 0.9843), int8 for the lm_head and
     Q4_K_M's sensitive MatMuls gains clearly (0.9924), every down_proj a little more (0.9926) and
-    the recommended layout (every o_proj too, block 128) most (0.9968)."""
+    the recommended layout (o_proj too in those layers, block 128) more (0.9936; 0.9968 with
+    every layer's o_proj, the default until 2026-12-07)."""
     rtn = parity["rtn"].mean()
     assert parity["k_quant"].mean() >= rtn - 0.001
     assert parity["k_quant_last"].mean() > rtn
