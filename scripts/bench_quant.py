@@ -112,6 +112,16 @@ CONFIGS: dict[str, tuple[str, dict[str, int | str | bool | tuple[str, ...]]]] = 
             "int8_layers": "others",
         },
     ),
+    "k_quant_block128_mixed_int4_lm_head": (
+        "k_quant, block 128, int8 qkv_proj + o_proj + down_proj in k_quant_mixed's layers "
+        "(the default with an int4 lm_head)",
+        {
+            "method": "k_quant",
+            "block_size": 128,
+            "int8_matmuls": ("qkv_proj", "o_proj", "down_proj"),
+            "int8_layers": "mixed",
+        },
+    ),
     "k_quant_mixed_block128_o": (
         "k_quant_mixed, block 128, int8 o_proj in every layer (the default until 2026-12-07)",
         {"method": "k_quant_mixed", "block_size": 128, "int8_matmuls": ("o_proj",)},
