@@ -579,18 +579,15 @@ def _decode_one(
                     drafts = drafts[: row.constraint.allowed_prefix(drafts)]
                 speculation.model_calls += 1
                 speculation.drafted += len(drafts)
-            if row.search_picks and not drafts:
-                logits = None  # the next round's search call runs the model on this token
-                if not pending:
-                    generator.append_tokens(np.asarray([[token]], dtype=np.int32))
-                    held = keep + 1
-                continue
-            if pending:  # the search's pick runs together with the drafts instead
+            if pending and drafts:  # the search's pick runs together with the drafts instead
                 generator.rewind_to(held)
                 pending = False
-            generator.append_tokens(np.asarray([[token, *drafts]], dtype=np.int32))
-            held = keep + 1 + len(drafts)
-            logits = generator.get_output("logits")
+            if not pending:
+                generator.append_tokens(np.asarray([[token, *drafts]], dtype=np.int32))
+                held = keep + 1 + len(drafts)
+            # one position and nothing for our kernel: the next round's search call picks (and
+            # first runs the model on a pending pick)
+            logits = None if row.search_picks and not drafts else generator.get_output("logits")
     finally:
         if pending:  # the generator keeps only tokens the model ran (PrefixCache reads them)
             generator.rewind_to(held)
