@@ -184,11 +184,15 @@ def _new_generator(
     With a shared past/present buffer onnxruntime-genai allocates the KV cache for ``max_length``
     up front: fastest, but a request without max_tokens would reserve the whole context (3.2 GB
     for Phi-3-mini-4k, about 100 GB for the 128k members). Above ``KV_PREALLOCATE_BYTES`` the
-    cache grows step by step instead (measured: about 8% slower decode, same logits).
+    cache grows step by step instead (measured: about 8% slower decode, same logits); so it
+    does past ``model.shared_kv_limit`` (older exports of models with a sliding window).
     """
     import onnxruntime_genai as og
 
-    preallocate = max_length * batch * model.kv_bytes_per_token <= KV_PREALLOCATE_BYTES
+    limit = model.shared_kv_limit
+    preallocate = max_length * batch * model.kv_bytes_per_token <= KV_PREALLOCATE_BYTES and (
+        limit is None or max_length <= limit
+    )
     search = og.GeneratorParams(model.model)
     search.set_search_options(
         max_length=max_length,

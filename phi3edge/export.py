@@ -356,7 +356,9 @@ def export(
             if precision == "int4"
             else None
         )
-        _run_builder(source_dir, staging, precision, options, say, member.architecture, target)
+        options += WINDOW_OPTIONS
+        with windowed_attention(config, member.architecture):
+            _run_builder(source_dir, staging, precision, options, say, member.architecture, target)
         if target:
             _check_int8_matmuls(staging, int4, int(config["num_hidden_layers"]))
         checksum = source_checksum(source_dir)
@@ -517,6 +519,37 @@ def load_builder() -> Any:
 
     importlib.import_module("onnxruntime_genai.models")
     return importlib.import_module("builder")
+
+
+# The builder's options for every export: no "sliding_window" section in genai_config.json
+# (``windowed_attention``).
+WINDOW_OPTIONS = ["windowed_kv_cache=false"]
+
+
+@contextlib.contextmanager
+def windowed_attention(config: dict[str, Any], architecture: str) -> Iterator[None]:
+    """While the builder runs, every attention layer of a Phi-3 checkpoint whose config.json
+    names a ``sliding_window`` shorter than its context attends to its last ``sliding_window``
+    positions, as transformers' Phi3 does (Phi-3-mini-4k and Phi-3-medium-4k: 2047 of 4096).
+
+    The builder windows only the layers that ``config.layer_types`` marks "sliding_attention",
+    which Phi-3 configs lack, so by itself it exports full attention. It also writes a
+    "sliding_window" section into genai_config.json, with which onnxruntime-genai 0.18 sizes a
+    shared KV cache to the window (2063 positions) while that graph attends to everything: a
+    conversation longer than that failed. ``WINDOW_OPTIONS`` drop the section, so the KV cache
+    spans the whole context and rewinds as before."""
+    window = config.get("sliding_window") if architecture == PHI3 else None
+    if not window or window >= config["max_position_embeddings"]:
+        yield
+        return
+    load_builder()
+    base = sys.modules["builders.base"]  # where the builder's Model class lives
+    original = base.Model.is_local
+    base.Model.is_local = lambda self, layer_id: True
+    try:
+        yield
+    finally:
+        base.Model.is_local = original
 
 
 def _run_builder(

@@ -89,6 +89,11 @@ class LoadedModel:
     grammar_tokenizer: GrammarTokenizer  # structured output; built on its first use
     adapters: Any = None  # og.Adapters holding every adapter of the manifest, or None
     adapter_names: tuple[str, ...] = ()
+    # Longest generator whose KV cache may be one shared, preallocated buffer; None: any.
+    # Exports made before 2026-12-08 carry the builder's "sliding_window" section in
+    # genai_config.json, with which onnxruntime-genai 0.18 sizes that buffer to the window
+    # (``shared_kv_limit``).
+    shared_kv_limit: int | None = None
 
     @property
     def name(self) -> str:
@@ -112,6 +117,16 @@ def _kv_bytes_per_token(decoder: dict[str, Any]) -> int:
     return 2 * decoder["num_hidden_layers"] * heads * decoder["head_size"] * 4
 
 
+def shared_kv_limit(decoder: dict[str, Any]) -> int | None:
+    """How long a shared (preallocated) KV cache may be for this genai_config decoder section.
+
+    With a "sliding_window" section onnxruntime-genai 0.18 makes that buffer about the window
+    long (2063 positions for a 2047 window), and the model call past it fails; a growing cache
+    has no such bound. ``export`` no longer writes the section (``windowed_kv_cache=false``)."""
+    window = decoder.get("sliding_window")
+    return int(window["window_size"]) if window else None
+
+
 def load(folder: str | os.PathLike[str], threads: int | None = None) -> LoadedModel:
     """Load ``folder`` (an exported model) with ``threads`` intra-op threads."""
     import onnxruntime_genai as og
@@ -133,6 +148,15 @@ def load(folder: str | os.PathLike[str], threads: int | None = None) -> LoadedMo
     model = og.Model(config)
     tokenizer = og.Tokenizer(model)
     adapters = load_adapters(model, folder, manifest)
+    limit = shared_kv_limit(genai["model"]["decoder"])
+    if limit is not None:
+        log.warning(
+            "%s was exported before phi3edge dropped genai_config.json's sliding_window "
+            "section: requests longer than %d tokens use a growing KV cache (about 8%% slower "
+            "decode); export it again to lift this",
+            folder,
+            limit,
+        )
     log.info(
         "loaded %s (%s) from %s with %d threads",
         manifest.catalog_id,
@@ -156,6 +180,7 @@ def load(folder: str | os.PathLike[str], threads: int | None = None) -> LoadedMo
         grammar_tokenizer=GrammarTokenizer(folder / "tokenizer.json", vocab_size, eos_ids),
         adapters=adapters,
         adapter_names=tuple(manifest.adapters),
+        shared_kv_limit=limit,
     )
 
 

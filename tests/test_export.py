@@ -193,7 +193,8 @@ def _stock_export(
     target_options: dict[str, Any] | None = None,
 ) -> Path:
     """onnxruntime-genai's builder exactly as its CLI runs it (whole model in memory, onnxruntime's
-    own k-quant loop); ``target_options``: its ``--target_options``."""
+    own k-quant loop), with the sliding window of ``export.windowed_attention``;
+    ``target_options``: its ``--target_options``."""
     builder = export.load_builder()
     cache = str(out.parent / f"{out.name}-cache")
     extra = builder.parse_extra_options(
@@ -203,10 +204,12 @@ def _stock_export(
         precision,
         "cpu",
         cache,
-        options,
+        options + export.WINDOW_OPTIONS,
         target_options=target_options,
     )
-    builder.create_model(None, str(checkpoint), str(out), precision, "cpu", cache, **extra)
+    config = json.loads((checkpoint / "config.json").read_text())
+    with export.windowed_attention(config, export.PHI3):
+        builder.create_model(None, str(checkpoint), str(out), precision, "cpu", cache, **extra)
     return out
 
 
