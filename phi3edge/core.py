@@ -422,7 +422,8 @@ def run_engine(
     """The engine: load the model (``on_loaded`` gets it or the error), then answer the jobs
     that ``inbox.get(block, timeout)`` hands over until it hands over None."""
     try:
-        model = runtime.load(model_dir, options.threads)
+        holders = limits.max_active_batches + options.kv_cache_entries
+        model = runtime.load(model_dir, options.threads, kv_holders=holders)
     except BaseException as exc:
         on_loaded(exc)
         return

@@ -172,9 +172,6 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-KV_PREALLOCATE_BYTES = 2 << 30
-
-
 def _new_generator(
     model: LoadedModel, max_length: int, batch: int, adapter: str | None = None
 ) -> Any:
@@ -182,15 +179,15 @@ def _new_generator(
     (one of ``model.adapter_names``; None for the base model).
 
     With a shared past/present buffer onnxruntime-genai allocates the KV cache for ``max_length``
-    up front: fastest, but a request without max_tokens would reserve the whole context (3.2 GB
-    for Phi-3-mini-4k, about 100 GB for the 128k members). Above ``KV_PREALLOCATE_BYTES`` the
-    cache grows step by step instead (measured: about 8% slower decode, same logits); so it
-    does past ``model.shared_kv_limit`` (older exports of models with a sliding window).
+    up front: fastest, but a request without max_tokens reserves the whole context (3.2 GB for
+    Phi-3-mini-4k, about 100 GB for the 128k members). Above ``model.kv_preallocate_bytes`` the
+    cache grows step by step instead (same logits, slower decode: ``runtime.kv_preallocate_bytes``);
+    so it does past ``model.shared_kv_limit`` (older exports of models with a sliding window).
     """
     import onnxruntime_genai as og
 
     limit = model.shared_kv_limit
-    preallocate = max_length * batch * model.kv_bytes_per_token <= KV_PREALLOCATE_BYTES and (
+    preallocate = max_length * batch * model.kv_bytes_per_token <= model.kv_preallocate_bytes and (
         limit is None or max_length <= limit
     )
     search = og.GeneratorParams(model.model)

@@ -90,10 +90,13 @@ class LoadedModel:
     adapters: Any = None  # og.Adapters holding every adapter of the manifest, or None
     adapter_names: tuple[str, ...] = ()
     # Longest generator whose KV cache may be one shared, preallocated buffer; None: any.
-    # Exports made before 2026-12-08 carry the builder's "sliding_window" section in
+    # Exports made before 2026-12-07 carry the builder's "sliding_window" section in
     # genai_config.json, with which onnxruntime-genai 0.18 sizes that buffer to the window
     # (``shared_kv_limit``).
     shared_kv_limit: int | None = None
+    # Largest KV cache (bytes) a generator preallocates as one shared buffer; a larger one grows
+    # step by step (``kv_preallocate_bytes``).
+    kv_preallocate_bytes: int = 2 << 30
 
     @property
     def name(self) -> str:
@@ -127,8 +130,43 @@ def shared_kv_limit(decoder: dict[str, Any]) -> int | None:
     return int(window["window_size"]) if window else None
 
 
-def load(folder: str | os.PathLike[str], threads: int | None = None) -> LoadedModel:
-    """Load ``folder`` (an exported model) with ``threads`` intra-op threads."""
+KV_PREALLOCATE_FLOOR = 2 << 30
+
+
+def kv_preallocate_bytes(available: int | None, holders: int) -> int:
+    """The largest KV cache one generator preallocates, given the memory ``available`` once the
+    model is loaded (None: unknown) and how many generators may hold one at a time.
+
+    A shared, preallocated buffer is what onnxruntime-genai decodes fastest with; a growing
+    cache copies the whole KV at every step (full Phi-3-mini here: 0.75-0.87x the decode speed
+    at 128 tokens of context, 0.29x at 2100; ``scripts/bench_kv_cache.py``). But the
+    buffer is zeroed, so resident, for the request's whole prompt + max_tokens. Each of
+    ``holders`` gets an equal share of all but one share of what is free, and never less than
+    2 GiB (Phi-3-mini's 4k context takes 3.2 GB)."""
+    if available is None:
+        return KV_PREALLOCATE_FLOOR
+    return max(KV_PREALLOCATE_FLOOR, available // (holders + 1))
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel could hand out without swapping (Linux ``MemAvailable``); None where
+    /proc/meminfo does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def load(
+    folder: str | os.PathLike[str], threads: int | None = None, kv_holders: int = 3
+) -> LoadedModel:
+    """Load ``folder`` (an exported model) with ``threads`` intra-op threads. ``kv_holders``: how
+    many generators may hold a KV cache at a time (active batches plus kept conversations), which
+    sizes the largest preallocated one (``kv_preallocate_bytes``)."""
     import onnxruntime_genai as og
 
     folder = Path(folder)
@@ -152,8 +190,8 @@ def load(folder: str | os.PathLike[str], threads: int | None = None) -> LoadedMo
     if limit is not None:
         log.warning(
             "%s was exported before phi3edge dropped genai_config.json's sliding_window "
-            "section: requests longer than %d tokens use a growing KV cache (about 8%% slower "
-            "decode); export it again to lift this",
+            "section: requests longer than %d tokens use a growing KV cache, which decodes "
+            "several times slower at long contexts; export it again to lift this",
             folder,
             limit,
         )
@@ -181,6 +219,7 @@ def load(folder: str | os.PathLike[str], threads: int | None = None) -> LoadedMo
         adapters=adapters,
         adapter_names=tuple(manifest.adapters),
         shared_kv_limit=limit,
+        kv_preallocate_bytes=kv_preallocate_bytes(available_memory(), kv_holders),
     )
 
 

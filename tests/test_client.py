@@ -349,11 +349,11 @@ def test_kv_cache_that_grows_per_step_gives_the_same_answer(
     client: ChatCompletionsClient, tiny_int4: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Requests too big to preallocate their KV cache (e.g. no max_tokens) grow it per step."""
-    from phi3edge import engine
+    from phi3edge import runtime
 
     kwargs = {"messages": HELLO, "max_tokens": 12, "seed": 4, "temperature": 0.9, "n": 2}
     preallocated = client.complete(**kwargs)
-    monkeypatch.setattr(engine, "KV_PREALLOCATE_BYTES", 0)
+    monkeypatch.setattr(runtime, "kv_preallocate_bytes", lambda available, holders: 0)
     with ChatCompletionsClient(tiny_int4, kv_cache_entries=0) as fresh:
         growing = fresh.complete(**kwargs)
     assert [c.message.content for c in growing.choices] == [
