@@ -325,7 +325,8 @@ def fits_in_batch(
     prefill_tokens: int = BATCH_PREFILL_TOKENS,
     padding_pct: int | None = None,
 ) -> bool:
-    """Whether ``items`` can run as one onnxruntime-genai batch (rows, context, prefill size).
+    """Whether ``items`` can run as one onnxruntime-genai batch (rows, context, memory for
+    their KV caches, prefill size).
 
     The one batching policy: the engine thread forms its batches with it. A single item always
     fits (its own prefill is chunked when it runs alone). A generator runs one adapter, so a
@@ -344,9 +345,11 @@ def fits_in_batch(
         padded, real = padded_work(items)
         if padded * 100 > real * (100 + padding_pct):
             return False
+    memory = model.kv_tokens_in_memory
     return (
         rows <= MAX_BATCH_ROWS
         and need <= model.context_length
+        and (memory is None or rows * need <= memory)
         and rows * (longest - 1) <= prefill_tokens
     )
 

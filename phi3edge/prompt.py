@@ -82,7 +82,14 @@ def build_prompt(
     """
     turns = fold_system_messages(messages, model.manifest.accepts_system_role)
     ids = encode_turns(model, turns)
-    return fit_context(ids, model.context_length, max_tokens, default_max_tokens, max_prompt_tokens)
+    return fit_context(
+        ids,
+        model.context_length,
+        max_tokens,
+        default_max_tokens,
+        max_prompt_tokens,
+        memory_tokens=model.kv_tokens_in_memory,
+    )
 
 
 def fit_context(
@@ -91,28 +98,36 @@ def fit_context(
     max_tokens: int | None,
     default_max_tokens: int | None = None,
     max_prompt_tokens: int | None = None,
+    memory_tokens: int | None = None,
 ) -> Prompt:
-    """Check the prompt and completion budget; errors say both numbers."""
+    """Check the prompt and completion budget; errors say both numbers. ``memory_tokens``: how
+    many tokens' KV cache the machine's memory holds (``LoadedModel.kv_tokens_in_memory``),
+    which bounds prompt + max_tokens as the context does (a 128k context takes about 100 GB)."""
     if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
         raise bad_request(
             f"the prompt has {len(ids)} tokens; this server accepts at most {max_prompt_tokens}",
             param="messages",
             code="context_length_exceeded",
         )
-    room = context_length - len(ids)
+    limit, bound = context_length, f"this model's context of {context_length} tokens"
+    if memory_tokens is not None and memory_tokens < context_length:
+        limit = memory_tokens
+        bound = (
+            f"the {memory_tokens} tokens of KV cache that the memory this machine had free "
+            "when the model loaded can hold"
+        )
+    room = limit - len(ids)
     if max_tokens is None:
         if room < 1:
             raise bad_request(
-                f"the prompt has {len(ids)} tokens, which fills this model's context of "
-                f"{context_length} tokens",
+                f"the prompt has {len(ids)} tokens, which fills {bound}",
                 param="messages",
                 code="context_length_exceeded",
             )
         return Prompt(ids, room if default_max_tokens is None else min(room, default_max_tokens))
     if max_tokens > room:
         raise bad_request(
-            f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds this model's "
-            f"context of {context_length} tokens",
+            f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds {bound}",
             param="max_tokens",
             code="context_length_exceeded",
         )

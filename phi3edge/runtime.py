@@ -97,10 +97,19 @@ class LoadedModel:
     # Largest KV cache (bytes) a generator preallocates as one shared buffer; a larger one grows
     # step by step (``kv_preallocate_bytes``).
     kv_preallocate_bytes: int = 2 << 30
+    memory_free_at_load: int | None = None  # bytes (``available_memory``); None: unknown
 
     @property
     def name(self) -> str:
         return self.manifest.catalog_id
+
+    @property
+    def kv_tokens_in_memory(self) -> int | None:
+        """How many tokens' KV cache the memory free at load holds (None: unknown): a request
+        needing more could only end with the process killed for lack of memory."""
+        if self.memory_free_at_load is None:
+            return None
+        return self.memory_free_at_load // self.kv_bytes_per_token
 
     def adapter_named(self, name: str | None) -> str | None:
         """The adapter a request's ``model`` names (any case), or None for the base model."""
@@ -186,6 +195,7 @@ def load(
     model = og.Model(config)
     tokenizer = og.Tokenizer(model)
     adapters = load_adapters(model, folder, manifest)
+    free = available_memory()
     limit = shared_kv_limit(genai["model"]["decoder"])
     if limit is not None:
         log.warning(
@@ -219,7 +229,8 @@ def load(
         adapters=adapters,
         adapter_names=tuple(manifest.adapters),
         shared_kv_limit=limit,
-        kv_preallocate_bytes=kv_preallocate_bytes(available_memory(), kv_holders),
+        kv_preallocate_bytes=kv_preallocate_bytes(free, kv_holders),
+        memory_free_at_load=free,
     )
 
 

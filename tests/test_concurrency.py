@@ -224,7 +224,7 @@ def test_padded_work_counts_the_longest_prompt_and_the_largest_max_tokens() -> N
         engine.BatchItem(Prompt(list(range(4)), 20), SamplingConfig(n=1)),
     ]
     assert engine.padded_work(items) == (90, 54)
-    model: Any = SimpleNamespace(context_length=4096)
+    model: Any = SimpleNamespace(context_length=4096, kv_tokens_in_memory=None)
     assert engine.fits_in_batch(model, items, 4096, padding_pct=None)
     assert engine.fits_in_batch(model, items, 4096, padding_pct=67)
     assert not engine.fits_in_batch(model, items, 4096, padding_pct=66)

@@ -1,5 +1,6 @@
-"""How a generator's KV cache is laid out: one preallocated buffer when it fits the machine's
-share (``runtime.kv_preallocate_bytes``), else a cache that grows every step."""
+"""The KV cache and the machine's memory: a generator's cache is one preallocated buffer when it
+fits its share (``runtime.kv_preallocate_bytes``), else a cache that grows every step; requests
+and batches whose caches the free memory cannot hold are refused or not formed."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from typing import Any
 
 import pytest
 
-from phi3edge import engine, runtime
+from phi3edge import ApiError, ChatCompletionsClient, UserMessage, engine, runtime
+from phi3edge.benchmark import NO_END
+from phi3edge.prompt import Prompt, fit_context
+from phi3edge.schema import SamplingConfig
 
 GiB = 1 << 30
 
@@ -68,3 +72,43 @@ def test_a_cache_within_the_share_is_preallocated_and_a_longer_one_grows(
     engine._new_generator(fits, 51, 2)
     engine._new_generator(dataclasses.replace(fits, shared_kv_limit=60), 61, 1)
     assert shared_buffers == [True, False, True, False, False]
+
+
+def test_prompt_and_max_tokens_are_bounded_by_the_kv_cache_memory_holds() -> None:
+    ids = list(range(100, 160))  # 60 tokens
+    assert fit_context(ids, 4096, None, 4096, memory_tokens=100).max_new_tokens == 40
+    assert fit_context(ids, 4096, 40, memory_tokens=100).max_new_tokens == 40
+    assert fit_context(ids, 80, None, memory_tokens=100).max_new_tokens == 20  # context first
+    with pytest.raises(ApiError, match="max_tokens \\(41\\) exceeds the 100 tokens of KV") as info:
+        fit_context(ids, 4096, 41, memory_tokens=100)
+    assert (info.value.status, info.value.code) == (400, "context_length_exceeded")
+    with pytest.raises(ApiError, match="60 tokens, which fills the 60 tokens of KV cache"):
+        fit_context(ids, 4096, None, memory_tokens=60)
+
+
+def test_a_request_the_free_memory_cannot_hold_is_refused_before_it_runs(
+    tiny_int4: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a machine whose free memory holds 100 tokens of this model's KV cache, the client
+    answers within that and refuses more with a 400 (not a process killed mid-answer)."""
+    per_token = runtime.load(tiny_int4, threads=1).kv_bytes_per_token
+    monkeypatch.setattr(runtime, "available_memory", lambda: 100 * per_token)
+    messages = [UserMessage("Tell me a story about a fox.")]
+    with ChatCompletionsClient(tiny_int4, threads=1) as client:
+        with pytest.raises(ApiError, match="KV cache that the memory") as info:
+            client.complete(messages=messages, max_tokens=99)
+        assert info.value.status == 400
+        answer = client.complete(messages=messages, logit_bias=NO_END, temperature=0)
+    assert answer.usage.prompt_tokens + answer.usage.completion_tokens == 100
+    assert answer.choices[0].finish_reason == "length"
+
+
+def test_requests_whose_caches_the_memory_cannot_hold_together_do_not_batch(
+    model: runtime.LoadedModel,
+) -> None:
+    cfg = SamplingConfig(temperature=0.0)
+    items = [engine.BatchItem(Prompt(list(range(100, 120)), 30), cfg, None, None)] * 2
+    holds = dataclasses.replace(model, memory_free_at_load=100 * model.kv_bytes_per_token)
+    assert engine.fits_in_batch(holds, items)  # 2 rows x (20 + 30) tokens
+    assert not engine.fits_in_batch(holds, [*items, items[0]])
+    assert engine.fits_in_batch(dataclasses.replace(holds, memory_free_at_load=None), items * 2)
