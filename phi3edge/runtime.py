@@ -147,11 +147,11 @@ def kv_preallocate_bytes(available: int | None, holders: int) -> int:
     model is loaded (None: unknown) and how many generators may hold one at a time.
 
     A shared, preallocated buffer is what onnxruntime-genai decodes fastest with; a growing
-    cache copies the whole KV at every step (full Phi-3-mini here: 0.75-0.87x the decode speed
-    at 128 tokens of context, 0.29x at 2100; ``scripts/bench_kv_cache.py``). But the
-    buffer is zeroed, so resident, for the request's whole prompt + max_tokens. Each of
-    ``holders`` gets an equal share of all but one share of what is free, and never less than
-    2 GiB (Phi-3-mini's 4k context takes 3.2 GB)."""
+    cache copies the whole KV at every step (full Phi-3-mini here: 0.92x the decode speed at 128
+    tokens of context, 0.27x at 2000; ``scripts/bench_kv_cache.py``). But the buffer is zeroed,
+    so resident, for the request's whole prompt + max_tokens. So: free / (holders + 1), a share
+    per holder and one for everything else, and never less than 2 GiB (the bound until
+    2026-12-07; Phi-3-mini's 4k context takes 3.2 GB)."""
     if available is None:
         return KV_PREALLOCATE_FLOOR
     return max(KV_PREALLOCATE_FLOOR, available // (holders + 1))
