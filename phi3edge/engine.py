@@ -192,15 +192,23 @@ def _new_generator(
     (one of ``model.adapter_names``; None for the base model).
 
     With a shared past/present buffer onnxruntime-genai allocates the KV cache for ``max_length``
-    up front: fastest, but a request without max_tokens reserves the whole context (3.2 GB for
-    Phi-3-mini-4k, about 100 GB for the 128k members). Above ``model.kv_preallocate_bytes`` the
-    cache grows step by step instead (same logits, slower decode: ``runtime.kv_preallocate_bytes``);
-    so it does past ``model.shared_kv_limit`` (older exports of models with a sliding window).
+    up front: fastest, but resident for the whole reservation (a request without max_tokens
+    reserves up to prompt + 4096 tokens: Phi-3-mini-4k's whole context, 3.2 GB). Otherwise the
+    cache grows step by step: same logits, but every step copies it (0.27x the decode speed at
+    2000 tokens of context on full Phi-3-mini, ``runtime.kv_preallocate_bytes``) and the process
+    holds 3-5x the KV (the old and the new cache, and what the heap keeps of earlier ones: 418 MB
+    for 131 MB of KV at 2000 tokens, raw onnxruntime-genai on the mid-size model). So a lone
+    request, whose reservation ``prompt.fit_context`` has checked against the memory free at
+    load, always preallocates; a batch, whose rows rarely all use their max_tokens, up to
+    ``model.kv_preallocate_bytes``. Past ``model.shared_kv_limit`` (older exports of models with
+    a sliding window) it grows.
     """
     import onnxruntime_genai as og
 
     limit = model.shared_kv_limit
-    preallocate = max_length * batch * model.kv_bytes_per_token <= model.kv_preallocate_bytes and (
+    lone = batch == 1 and model.memory_free_at_load is not None
+    reserved = max_length * batch * model.kv_bytes_per_token
+    preallocate = (lone or reserved <= model.kv_preallocate_bytes) and (
         limit is None or max_length <= limit
     )
     search = og.GeneratorParams(model.model)
@@ -258,8 +266,10 @@ def generate(
     params = sampler_params(cfg, vocab)
     need = len(prompt.ids) + prompt.max_new_tokens
     if cache is not None and cache.entries > 0:
-        # allocate room for the next turns too, so the next request can reuse this KV
-        allocate = min(model.context_length, need + CACHE_HEADROOM)
+        # room for the next turns too, so the next request can reuse this KV (within what the
+        # free memory holds: fit_context checked only this request's own need)
+        room = min(model.context_length, model.kv_tokens_in_memory or model.context_length)
+        allocate = max(need, min(room, need + CACHE_HEADROOM))
         generator, start, capacity = cache.take(model, prompt.ids, need, allocate, adapter)
     else:
         generator, start, capacity = _new_generator(model, need, 1, adapter), 0, need

@@ -94,8 +94,9 @@ class LoadedModel:
     # genai_config.json, with which onnxruntime-genai 0.18 sizes that buffer to the window
     # (``shared_kv_limit``).
     shared_kv_limit: int | None = None
-    # Largest KV cache (bytes) a generator preallocates as one shared buffer; a larger one grows
-    # step by step (``kv_preallocate_bytes``).
+    # Largest KV cache (bytes) a batch preallocates as one shared buffer (a larger one grows step
+    # by step; a lone request always preallocates), and the size of the kept conversation's
+    # cache allocated with the model (``kv_preallocate_bytes``).
     kv_preallocate_bytes: int = 2 << 30
     memory_free_at_load: int | None = None  # bytes (``available_memory``); None: unknown
 
@@ -143,15 +144,17 @@ KV_PREALLOCATE_FLOOR = 2 << 30
 
 
 def kv_preallocate_bytes(available: int | None, holders: int) -> int:
-    """The largest KV cache one generator preallocates, given the memory ``available`` once the
-    model is loaded (None: unknown) and how many generators may hold one at a time.
+    """The largest KV cache a batch preallocates, and the size of the kept conversation's
+    (``engine.PrefixCache.warm``), given the memory ``available`` once the model is loaded (None:
+    unknown) and how many generators may hold one at a time.
 
     A shared, preallocated buffer is what onnxruntime-genai decodes fastest with; a growing
     cache copies the whole KV at every step (full Phi-3-mini here: 0.92x the decode speed at 128
     tokens of context, 0.27x at 2000; ``scripts/bench_kv_cache.py``). But the buffer is zeroed,
-    so resident, for the request's whole prompt + max_tokens. So: free / (holders + 1), a share
-    per holder and one for everything else, and never less than 2 GiB (the bound until
-    2026-12-07; Phi-3-mini's 4k context takes 3.2 GB)."""
+    so resident, for the whole reservation, and a batch's rows rarely use all their max_tokens.
+    So: free / (holders + 1), a share per holder and one for everything else, and never less
+    than 2 GiB (the bound for every generator until 2026-12-07; Phi-3-mini's 4k context takes
+    3.2 GB)."""
     if available is None:
         return KV_PREALLOCATE_FLOOR
     return max(KV_PREALLOCATE_FLOOR, available // (holders + 1))

@@ -345,23 +345,6 @@ def test_regression_forced_assistant_token_does_not_end_a_batch_row(tiny_int4: P
     assert batched == single and len(set(single)) > 1
 
 
-def test_kv_cache_that_grows_per_step_gives_the_same_answer(
-    client: ChatCompletionsClient, tiny_int4: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Requests too big to preallocate their KV cache (e.g. no max_tokens) grow it per step."""
-    from phi3edge import runtime
-
-    kwargs = {"messages": HELLO, "max_tokens": 12, "seed": 4, "temperature": 0.9, "n": 2}
-    preallocated = client.complete(**kwargs)
-    monkeypatch.setattr(runtime, "kv_preallocate_bytes", lambda available, holders: 0)
-    with ChatCompletionsClient(tiny_int4, kv_cache_entries=0) as fresh:
-        growing = fresh.complete(**kwargs)
-    assert [c.message.content for c in growing.choices] == [
-        c.message.content for c in preallocated.choices
-    ]
-    assert client.complete_batch([]) == []
-
-
 def test_a_half_read_stream_does_not_block_the_same_thread(client: ChatCompletionsClient) -> None:
     stream = client.complete(messages=HELLO, max_tokens=6, stream=True)
     next(stream)

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from phi3edge import ApiError, ChatCompletionsClient, UserMessage, engine, runtime
@@ -61,17 +62,38 @@ def shared_buffers(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return made
 
 
-def test_a_cache_within_the_share_is_preallocated_and_a_longer_one_grows(
+def test_a_lone_request_preallocates_and_a_batch_within_its_share(
     model: runtime.LoadedModel, shared_buffers: list[bool]
 ) -> None:
     per_token = model.kv_bytes_per_token
-    fits = dataclasses.replace(model, kv_preallocate_bytes=100 * per_token)
-    engine._new_generator(fits, 100, 1)
-    engine._new_generator(fits, 101, 1)
-    engine._new_generator(fits, 50, 2)
-    engine._new_generator(fits, 51, 2)
-    engine._new_generator(dataclasses.replace(fits, shared_kv_limit=60), 61, 1)
-    assert shared_buffers == [True, False, True, False, False]
+    share = dataclasses.replace(model, kv_preallocate_bytes=100 * per_token)
+    engine._new_generator(share, 101, 1)  # fit_context has checked it against free memory
+    engine._new_generator(share, 50, 2)
+    engine._new_generator(share, 51, 2)
+    engine._new_generator(dataclasses.replace(share, memory_free_at_load=None), 100, 1)
+    engine._new_generator(dataclasses.replace(share, memory_free_at_load=None), 101, 1)
+    engine._new_generator(dataclasses.replace(share, shared_kv_limit=60), 61, 1)
+    assert shared_buffers == [True, True, False, True, False, False]
+
+
+def test_a_growing_cache_answers_as_a_preallocated_one(
+    model: runtime.LoadedModel, shared_buffers: list[bool]
+) -> None:
+    cfg = SamplingConfig(temperature=0.9, seed=4, n=2, logprobs=True)
+    ids = [int(t) for t in np.random.default_rng(6).integers(100, 30000, size=80)]
+    growing = dataclasses.replace(model, kv_preallocate_bytes=0, memory_free_at_load=None)
+    answers = [
+        [
+            (step.index, t.token_id, t.logprob)
+            for steps in engine.generate(m, Prompt(ids, 24), cfg)
+            for step in steps
+            for t in step.tokens
+        ]
+        for m in (model, growing)
+    ]
+    assert shared_buffers == [True, False]
+    assert [a[:2] for a in answers[1]] == [a[:2] for a in answers[0]]
+    np.testing.assert_allclose([a[2] for a in answers[1]], [a[2] for a in answers[0]], atol=1e-5)
 
 
 def test_prompt_and_max_tokens_are_bounded_by_the_kv_cache_memory_holds() -> None:
@@ -133,3 +155,23 @@ def test_the_first_conversation_gets_a_generator_allocated_before_it_came(
     assert answer.usage.completion_tokens > 0
     need = answer.usage.prompt_tokens + 5
     assert made == ([model.context_length] if kept else [need])
+
+
+def test_a_kept_conversation_gets_room_for_more_turns_within_free_memory(
+    model: runtime.LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[int] = []
+    new_generator = engine._new_generator
+
+    def counted(model: runtime.LoadedModel, max_length: int, *args: Any) -> Any:
+        made.append(max_length)
+        return new_generator(model, max_length, *args)
+
+    monkeypatch.setattr(engine, "_new_generator", counted)
+    prompt, cfg = Prompt(list(range(100, 120)), 5), SamplingConfig(temperature=0.0)
+    for free_tokens in (None, 40, 10_000):
+        memory = None if free_tokens is None else free_tokens * model.kv_bytes_per_token
+        bounded = dataclasses.replace(model, memory_free_at_load=memory)
+        for _ in engine.generate(bounded, prompt, cfg, cache=engine.PrefixCache(1)):
+            pass
+    assert made == [25 + engine.CACHE_HEADROOM, 40, 25 + engine.CACHE_HEADROOM]
