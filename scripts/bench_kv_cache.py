@@ -1,6 +1,7 @@
-"""KV cache layouts on CPU side by side: float32 preallocated (one shared buffer, what the engine
-uses up to ``LoadedModel.kv_preallocate_bytes``), float32 growing (a new, longer cache every step,
-what it uses above), and int8 (onnxruntime-genai's ``kv_cache_quant_scheme``).
+"""KV cache layouts on CPU side by side: float32 preallocated (one shared buffer: what the engine
+gives a lone request, and a batch up to ``LoadedModel.kv_preallocate_bytes``), float32 growing (a
+new, longer cache every step: a larger batch's, or an older export's past its sliding window),
+and int8 (onnxruntime-genai's ``kv_cache_quant_scheme``).
 
 Usage: python scripts/bench_kv_cache.py [--threads 2] [--repeats 3] [--contexts 128,2000]
                                         [--model EXPORTED_FOLDER]
