@@ -21,6 +21,9 @@ Scheduling (onnxruntime-genai cannot add rows to a running generator on CPU):
   ``Limits.batch_prefill_tokens`` of batched prefill, ``Limits.batch_padding_pct`` of waste),
   those of the most alike lengths first. A request with a prompt too long to share runs alone
   and its prefill goes in 64-token chunks.
+- A batch starts only if the KV cache it reserves fits beside the live generators' in the memory
+  free at load (``runtime.KvLedger``; kept conversations it cannot reuse are dropped first);
+  otherwise the oldest waiting request, and everything behind it, waits for a batch to end.
 - Active batches take turns one unit of work at a time (a prefill chunk or a decode step); the
   batch that has used the least engine time goes next. A short request arriving behind a long one
   therefore starts at once and shares the engine, instead of waiting for the long one to end.
@@ -145,6 +148,7 @@ class _Unit:
     cfg: SamplingConfig
     prompt: Prompt
     adapter: str | None = None  # the LoRA adapter the request's ``model`` names
+    held_for_memory: bool = False  # it has waited for a running batch's KV cache to go
 
     def item(self) -> engine.BatchItem:
         return engine.BatchItem(self.prompt, self.cfg, self.job.halt, self.adapter)
@@ -245,6 +249,7 @@ class EngineStats:
     work_units: int = 0  # prefill chunks and decode steps run
     prefix_hits: int = 0  # requests that reused a kept KV cache (multi-turn)
     prefix_reused_tokens: int = 0
+    held_for_memory: int = 0  # requests that waited for memory for their KV cache
 
 
 class _Shared:
@@ -372,7 +377,7 @@ class EngineCore:
 
 def metadata(model: runtime.LoadedModel) -> runtime.LoadedModel:
     """``model`` without its onnxruntime-genai objects: what callers of the engine may read."""
-    return dataclasses.replace(model, model=None, tokenizer=None, adapters=None)
+    return dataclasses.replace(model, model=None, tokenizer=None, adapters=None, kv_ledger=None)
 
 
 class _ThreadLink:
@@ -408,6 +413,12 @@ class _ThreadLink:
         self._inbox.put(None)
         if self._thread is not threading.current_thread():
             self._thread.join(30)
+
+
+def _raising(exc: Exception) -> Iterator[Any]:
+    """Work that fails at its first unit (where ``_EngineLoop.run`` ends a batch's requests)."""
+    raise exc
+    yield
 
 
 def run_engine(
@@ -475,7 +486,10 @@ class _EngineLoop:
                 and len(batches) < self.limits.max_active_batches
                 and (not running or waiting[0].job.arrived + BATCH_WINDOW_S <= time.monotonic())
             ):
-                batches.insert(0, self._start_batch(waiting, batches))  # ties: newest first
+                batch = self._start_batch(waiting, batches)
+                if batch is None:  # its KV cache waits for a running batch to end
+                    break
+                batches.insert(0, batch)  # ties: newest first
             if not batches:
                 continue
             batch = min(batches, key=lambda b: b.used_s)
@@ -567,15 +581,20 @@ class _EngineLoop:
                     ),
                 )
 
-    def _start_batch(self, waiting: deque[_Unit], batches: list[_Batch]) -> _Batch:
+    def _start_batch(self, waiting: deque[_Unit], batches: list[_Batch]) -> _Batch | None:
         """The oldest waiting unit plus the others that fit in one batch with it, the most alike
-        first (``engine.padding_cost``), so a batch wastes little on padding and filler steps."""
+        first (``engine.padding_cost``), so a batch wastes little on padding and filler steps.
+        None when the oldest one's KV cache does not fit beside the running batches' (it waits
+        for one of them to end; requests behind it wait too, so it is not passed over)."""
+        anchor = waiting[0].item()
+        if batches and not self._kv_fits([anchor]):
+            self._held_for_memory(waiting[0])
+            return None
         chosen = [waiting.popleft()]
-        anchor = chosen[0].item()
         cap, padding = self.limits.batch_prefill_tokens, self.limits.batch_padding_pct
         for unit in sorted(waiting, key=lambda u: engine.padding_cost(anchor, u.item())):
             items = [u.item() for u in [*chosen, unit]]
-            if engine.fits_in_batch(self.model, items, cap, padding):
+            if engine.fits_in_batch(self.model, items, cap, padding) and self._kv_fits(items):
                 chosen.append(unit)
                 waiting.remove(unit)
         stats = self.stats
@@ -587,19 +606,10 @@ class _EngineLoop:
             unit.job.started = True
             if not unit.job.ended:
                 unit.job.deliver(Started(unit.index, len(unit.prompt.ids)))
-        if len(chosen) == 1:
-            unit = chosen[0]
-            work: Iterator[Any] = engine.generate(
-                self.model,
-                unit.prompt,
-                unit.cfg,
-                unit.job.halt,
-                self.prefix_cache,
-                speculative=self.speculative,
-                adapter=unit.adapter,
-            )
-        else:
-            work = engine.generate_batch(self.model, [u.item() for u in chosen])
+        try:
+            work = self._work(chosen)
+        except Exception as exc:  # ends these requests at their first unit of work (500)
+            work = _raising(exc)
         # A new batch starts level with the least-served one, so it goes next but cannot
         # claim the time the others have already used.
         used = min((b.used_s for b in batches), default=0.0)
@@ -613,6 +623,58 @@ class _EngineLoop:
             len(batches),
         )
         return _Batch(chosen, work, used)
+
+    def _work(self, chosen: list[_Unit]) -> Iterator[Any]:
+        """The batch's units of work; its generator is claimed now (``engine.generate``)."""
+        if len(chosen) > 1:
+            return engine.generate_batch(self.model, [u.item() for u in chosen])
+        unit = chosen[0]
+        return engine.generate(
+            self.model,
+            unit.prompt,
+            unit.cfg,
+            unit.job.halt,
+            self.prefix_cache,
+            speculative=self.speculative,
+            adapter=unit.adapter,
+        )
+
+    def _kv_fits(self, items: list[engine.BatchItem]) -> bool:
+        """Whether the KV cache that starting ``items`` adds fits beside the live generators'
+        (``runtime.KvLedger``) in the memory free at load; kept conversations the start cannot
+        use are dropped first if that makes room.
+
+        A lone request, or a batch, never takes more than that memory by itself
+        (``prompt.fit_context``, ``engine.fits_in_batch``), so a request that waits starts at
+        the latest when the batches before it have ended."""
+        budget, ledger = self.model.memory_free_at_load, self.model.kv_ledger
+        if budget is None or ledger is None:
+            return True
+        cache = self.prefix_cache
+        if ledger.in_use + engine.kv_bytes_to_start(self.model, items, cache) <= budget:
+            return True
+        lone = items[0] if len(items) == 1 else None
+        if lone is None:
+            cache.drop()
+        else:
+            cache.drop(len(lone.prompt.ids) + lone.prompt.max_new_tokens, lone.adapter)
+        return ledger.in_use + engine.kv_bytes_to_start(self.model, items, cache) <= budget
+
+    def _held_for_memory(self, unit: _Unit) -> None:
+        if unit.held_for_memory:
+            return
+        unit.held_for_memory = True
+        self.stats.held_for_memory += 1
+        self._publish()
+        log.info(
+            "request %d of job %d waits for memory: its KV cache (%d MB) does not fit beside "
+            "the running requests' (%d MB) in the %d MB free at load",
+            unit.index,
+            unit.job.id,
+            engine.kv_bytes_to_start(self.model, [unit.item()], self.prefix_cache) >> 20,
+            self.model.kv_ledger.in_use >> 20 if self.model.kv_ledger else 0,
+            (self.model.memory_free_at_load or 0) >> 20,
+        )
 
     def _close_batch(self, batch: _Batch) -> None:
         close = getattr(batch.work, "close", None)

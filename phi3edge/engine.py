@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -101,6 +101,13 @@ def search_can_pick(cfg: SamplingConfig) -> bool:
 CACHE_HEADROOM = 1024  # tokens of KV allocated beyond a cached request's own need
 
 
+class _Kept(NamedTuple):
+    generator: Any
+    tokens: list[int]  # what its KV cache holds
+    capacity: int  # its max_length
+    adapter: str | None
+
+
 class PrefixCache:
     """Keeps the KV cache of the most recent single-choice conversations for reuse.
 
@@ -116,44 +123,55 @@ class PrefixCache:
 
     def __init__(self, entries: int = 1) -> None:
         self.entries = entries
-        # (generator, tokens in KV, max_length, adapter)
-        self._kept: list[tuple[Any, list[int], int, str | None]] = []
+        self._kept: list[_Kept] = []
         self.hits = 0
         self.reused_tokens = 0
 
+    def can_serve(self, need: int, adapter: str | None) -> bool:
+        """Whether ``take`` would hand a request of ``need`` tokens a kept generator."""
+        return any(_serves(entry, need, adapter) for entry in self._kept)
+
+    def drop(self, need: int | None = None, adapter: str | None = None) -> None:
+        """Free the kept generators (their KV caches) that cannot serve a request of ``need``
+        tokens under ``adapter``; every one when ``need`` is None."""
+        self._kept = [e for e in self._kept if need is not None and _serves(e, need, adapter)]
+
     def take(
-        self,
-        model: LoadedModel,
-        ids: list[int],
-        need: int,
-        allocate: int,
-        adapter: str | None = None,
+        self, model: LoadedModel, ids: list[int], need: int, adapter: str | None = None
     ) -> tuple[Any, int, int]:
         """A generator holding a prefix of ``ids``, how long that prefix is, and the generator's
-        capacity; or a fresh generator of ``allocate`` tokens. ``need``: tokens the request uses;
-        ``adapter``: the LoRA adapter it runs under (None: the base model).
+        capacity. ``need``: tokens the request uses; ``adapter``: the LoRA adapter it runs under
+        (None: the base model).
 
         A kept generator with room is reused even when it shares nothing with ``ids`` (rewound
         to the start): creating one with a preallocated KV cache costs 0.15 s on full Phi-3-mini
-        here, 2.3 s the first time (scripts/bench_model_calls.py), while rewinding is free."""
-        best, best_len = None, -1
-        for entry in self._kept:
-            generator, tokens, capacity, kept_adapter = entry
-            if capacity < need or kept_adapter != adapter:
-                continue
-            common = _common_prefix(tokens, ids)
-            if common > best_len:
-                best, best_len = entry, common
+        here, 2.3 s the first time (scripts/bench_model_calls.py), while rewinding is free.
+        Otherwise the oldest kept one goes and a new one gets room for the next turns too
+        (``CACHE_HEADROOM``), within the context and the memory the live generators leave."""
+        best = self._best(ids, need, adapter)
         if best is None:
-            del self._kept[self.entries - 1 :]  # make room before allocating another KV cache
+            del self._kept[self.entries - 1 :]  # frees its KV cache before allocating another
+            free = model.kv_tokens_free
+            room = model.context_length if free is None else min(model.context_length, free)
+            allocate = max(need, min(room, need + CACHE_HEADROOM))
             return _new_generator(model, allocate, 1, adapter), 0, allocate
-        self._kept.remove(best)
-        keep = min(best_len, len(ids) - 1)  # at least one token must run to give logits
-        best[0].rewind_to(keep)
+        self._kept.remove(best.entry)
+        keep = min(best.common, len(ids) - 1)  # at least one token must run to give logits
+        best.entry.generator.rewind_to(keep)
         if keep:
             self.hits += 1
             self.reused_tokens += keep
-        return best[0], keep, best[2]
+        return best.entry.generator, keep, best.entry.capacity
+
+    def _best(self, ids: list[int], need: int, adapter: str | None) -> _Match | None:
+        """The kept generator that can serve the request and shares the longest prefix."""
+        best: _Match | None = None
+        for entry in self._kept:
+            if _serves(entry, need, adapter):
+                common = _common_prefix(entry.tokens, ids)
+                if best is None or common > best.common:
+                    best = _Match(entry, common)
+        return best
 
     def warm(self, model: LoadedModel) -> None:
         """Keep a generator for the base model as long as the context (or as the longest KV
@@ -165,15 +183,24 @@ class PrefixCache:
         capacity = min(model.context_length, model.kv_preallocate_bytes // model.kv_bytes_per_token)
         if model.shared_kv_limit is not None:
             capacity = min(capacity, model.shared_kv_limit)
-        self._kept.insert(0, (_new_generator(model, capacity, 1), [], capacity, None))
+        self._kept.insert(0, _Kept(_new_generator(model, capacity, 1), [], capacity, None))
 
     def put(self, generator: Any, max_length: int, adapter: str | None = None) -> None:
         tokens = [int(t) for t in generator.get_sequence(0)]
-        self._kept.insert(0, (generator, tokens, max_length, adapter))
+        self._kept.insert(0, _Kept(generator, tokens, max_length, adapter))
         del self._kept[self.entries :]
 
     def clear(self) -> None:
         self._kept.clear()
+
+
+class _Match(NamedTuple):
+    entry: _Kept
+    common: int  # tokens of the prompt its KV cache already holds
+
+
+def _serves(entry: _Kept, need: int, adapter: str | None) -> bool:
+    return entry.capacity >= need and entry.adapter == adapter
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -222,6 +249,8 @@ def _new_generator(
         repetition_penalty=1.0,
     )
     generator = og.Generator(model.model, search)
+    if model.kv_ledger is not None:
+        model.kv_ledger.hold(generator, reserved)
     if adapter is not None:
         generator.set_active_adapter(model.adapters, adapter)
     return generator
@@ -257,21 +286,41 @@ def generate(
     re-runs only the prompt's last token (the same logits up to float rounding). Decoding of the
     choices is sequential; each choice keeps its own RNG stream ``(seed, i)``.
 
+    The generator (a kept one from ``cache`` or a new one) is claimed when this is called, not
+    at the first step, so the engine's ``KvLedger`` counts it as soon as the request starts.
+
     ``speculative``: decode with prompt-lookup drafts (``_decode_one``): the same tokens,
     fewer model calls when the answer repeats text from the prompt or from itself (counted in
     ``stats``).
     """
-    vocab = model.vocab_size
-    params = sampler_params(cfg, vocab)
+    params = sampler_params(cfg, model.vocab_size)
     need = len(prompt.ids) + prompt.max_new_tokens
     if cache is not None and cache.entries > 0:
-        # room for the next turns too, so the next request can reuse this KV (within what the
-        # free memory holds: fit_context checked only this request's own need)
-        room = min(model.context_length, model.kv_tokens_in_memory or model.context_length)
-        allocate = max(need, min(room, need + CACHE_HEADROOM))
-        generator, start, capacity = cache.take(model, prompt.ids, need, allocate, adapter)
+        claim = cache.take(model, prompt.ids, need, adapter)
     else:
-        generator, start, capacity = _new_generator(model, need, 1, adapter), 0, need
+        claim = _new_generator(model, need, 1, adapter), 0, need
+    return _generate_steps(
+        model, prompt, cfg, params, halt, cache, speculative, stats, adapter, *claim
+    )
+
+
+def _generate_steps(
+    model: LoadedModel,
+    prompt: Prompt,
+    cfg: SamplingConfig,
+    params: _sampling.SamplingParams,
+    halt: Halt | None,
+    cache: PrefixCache | None,
+    speculative: bool,
+    stats: SpeculationStats | None,
+    adapter: str | None,
+    generator: Any,
+    start: int,
+    capacity: int,
+) -> Iterator[list[ChoiceStep]]:
+    """``generate``'s units of work on the generator it claimed (holding ``start`` tokens of the
+    prompt already)."""
+    vocab = model.vocab_size
     healthy = False
     try:
         prefilled = False
@@ -360,9 +409,8 @@ def fits_in_batch(
         return True
     if len({i.adapter for i in items}) > 1:
         return False
-    rows = sum(i.cfg.n for i in items)
+    rows, need = _batch_shape(items)
     longest = max(len(i.prompt.ids) for i in items)
-    need = longest + max(i.prompt.max_new_tokens for i in items)
     if padding_pct is not None:
         padded, real = padded_work(items)
         if padded * 100 > real * (100 + padding_pct):
@@ -374,6 +422,29 @@ def fits_in_batch(
         and (memory is None or rows * need <= memory)
         and rows * (longest - 1) <= prefill_tokens
     )
+
+
+def _batch_shape(items: list[BatchItem]) -> tuple[int, int]:
+    """A batch's rows and the length of each (``generate_batch``'s generator)."""
+    rows = sum(i.cfg.n for i in items)
+    return rows, max(len(i.prompt.ids) for i in items) + max(i.prompt.max_new_tokens for i in items)
+
+
+def kv_bytes_to_start(
+    model: LoadedModel, items: list[BatchItem], cache: PrefixCache | None = None
+) -> int:
+    """The KV cache bytes that starting ``items`` adds to the live generators'
+    (``runtime.KvLedger``): none for a lone request that a kept generator of ``cache`` can
+    serve; otherwise what its generator reserves (a lone request's room for later turns is
+    taken only from what is left free, ``PrefixCache.take``, so it is not counted)."""
+    if len(items) == 1:
+        item = items[0]
+        need = len(item.prompt.ids) + item.prompt.max_new_tokens
+        if cache is not None and cache.entries > 0 and cache.can_serve(need, item.adapter):
+            return 0
+        return need * model.kv_bytes_per_token
+    rows, need = _batch_shape(items)
+    return rows * need * model.kv_bytes_per_token
 
 
 def padded_work(items: list[BatchItem]) -> tuple[int, int]:
@@ -406,7 +477,8 @@ def generate_batch(
     one forced step, so each row's KV and positions are exactly its own (logits match single runs
     to float rounding, see the tests). A request with ``n`` choices takes ``n`` rows. The caller
     checks ``fits_in_batch`` first. onnxruntime-genai refuses a second ``append_tokens`` on a
-    batch, so the prefill is not chunked (``fits_in_batch`` caps its size).
+    batch, so the prefill is not chunked (``fits_in_batch`` caps its size). The generator is
+    made when this is called (``generate``).
     """
     vocab = model.vocab_size
     rows: list[_Row] = []
@@ -436,13 +508,28 @@ def generate_batch(
                 )
             )
             prompts.append(item.prompt.ids)
+    generator = None
+    if rows:
+        max_length = max(len(p) for p in prompts) + max(r.max_new_tokens for r in rows)
+        generator = _new_generator(model, max_length, len(rows), items[0].adapter)
+    return _batch_steps(model, generator, rows, prompts, halted)
+
+
+def _batch_steps(
+    model: LoadedModel,
+    generator: Any,
+    rows: list[_Row],
+    prompts: list[list[int]],
+    halted: list[tuple[int, ChoiceStep]],
+) -> Iterator[list[tuple[int, ChoiceStep]]]:
+    """``generate_batch``'s steps: the requests that ended before they began (``halted``), then
+    the batched prefill and the decode of ``rows`` on ``generator``."""
     if halted:
         yield halted
     if not rows:
         return
+    vocab = model.vocab_size
     width = max(len(p) for p in prompts) - 1
-    max_length = width + 1 + max(r.max_new_tokens for r in rows)
-    generator = _new_generator(model, max_length, len(rows), items[0].adapter)
     try:
         padded = [p[:-1] + [model.pad_id] * (width - len(p) + 1) for p in prompts]
         generator.append_tokens(np.asarray(padded, dtype=np.int32))

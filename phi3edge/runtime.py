@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,35 @@ def config_overlay(threads: int, pad_id: int, adapters: bool = False) -> dict[st
     }
 
 
+class KvLedger:
+    """The KV cache bytes that a model's live generators reserve: each one's max_length x rows
+    x bytes per token, from its creation until onnxruntime-genai frees it.
+
+    The engine starts a request only while the ledger and the new request's reservation fit in
+    the memory free at load, so concurrent requests cannot together take more than that. A
+    generator is released by a weakref finalizer when its last reference goes, so nothing has
+    to remember to release it; the lock covers a finalizer that runs on another thread (a
+    garbage collection triggered there).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()  # a finalizer may run while this thread holds it
+        self.in_use = 0  # bytes
+        self.generators = 0
+
+    def hold(self, generator: Any, nbytes: int) -> None:
+        """Count ``nbytes`` until ``generator`` is freed."""
+        with self._lock:
+            self.in_use += nbytes
+            self.generators += 1
+        weakref.finalize(generator, self._release, nbytes)
+
+    def _release(self, nbytes: int) -> None:
+        with self._lock:
+            self.in_use -= nbytes
+            self.generators -= 1
+
+
 @dataclass
 class LoadedModel:
     """An exported model, ready for the engine."""
@@ -99,6 +130,7 @@ class LoadedModel:
     # cache allocated with the model (``kv_preallocate_bytes``).
     kv_preallocate_bytes: int = 2 << 30
     memory_free_at_load: int | None = None  # bytes (``available_memory``); None: unknown
+    kv_ledger: KvLedger | None = None  # the live generators' KV caches (engine side only)
 
     @property
     def name(self) -> str:
@@ -111,6 +143,14 @@ class LoadedModel:
         if self.memory_free_at_load is None:
             return None
         return self.memory_free_at_load // self.kv_bytes_per_token
+
+    @property
+    def kv_tokens_free(self) -> int | None:
+        """How many more tokens' KV cache fit beside the live generators' (None: unknown)."""
+        if self.memory_free_at_load is None:
+            return None
+        in_use = self.kv_ledger.in_use if self.kv_ledger is not None else 0
+        return max(0, self.memory_free_at_load - in_use) // self.kv_bytes_per_token
 
     def adapter_named(self, name: str | None) -> str | None:
         """The adapter a request's ``model`` names (any case), or None for the base model."""
@@ -154,10 +194,10 @@ def kv_preallocate_bytes(available: int | None, holders: int) -> int:
     so resident, for the whole reservation, and a batch's rows rarely use all their max_tokens.
     So: free / (holders + 1), a share per holder and one for everything else, and never less
     than 2 GiB (the bound for every generator until 2026-12-07; Phi-3-mini's 4k context takes
-    3.2 GB)."""
+    3.2 GB) unless less than that is free."""
     if available is None:
         return KV_PREALLOCATE_FLOOR
-    return max(KV_PREALLOCATE_FLOOR, available // (holders + 1))
+    return min(available, max(KV_PREALLOCATE_FLOOR, available // (holders + 1)))
 
 
 def available_memory() -> int | None:
@@ -234,6 +274,7 @@ def load(
         shared_kv_limit=limit,
         kv_preallocate_bytes=kv_preallocate_bytes(free, kv_holders),
         memory_free_at_load=free,
+        kv_ledger=KvLedger(),
     )
 
 

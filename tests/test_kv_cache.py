@@ -1,6 +1,7 @@
 """The KV cache and the machine's memory: a generator's cache is one preallocated buffer when it
 fits its share (``runtime.kv_preallocate_bytes``), else a cache that grows every step; requests
-and batches whose caches the free memory cannot hold are refused or not formed."""
+and batches whose caches the free memory cannot hold are refused or not formed, and a request
+whose cache does not fit beside the running ones' waits for them (``runtime.KvLedger``)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from phi3edge import ApiError, ChatCompletionsClient, UserMessage, engine, runtime
+from phi3edge import ApiError, ChatCompletionsClient, Limits, UserMessage, engine, runtime
 from phi3edge.benchmark import NO_END
+from phi3edge.core import EngineCore, EngineOptions, EngineStats, Finished, _EngineLoop
 from phi3edge.prompt import Prompt, fit_context
-from phi3edge.schema import SamplingConfig
+from phi3edge.schema import ChatRequest, SamplingConfig
 
 GiB = 1 << 30
 
@@ -24,6 +26,7 @@ def test_each_holder_gets_a_share_of_free_memory_and_never_less_than_2_gib() -> 
     assert runtime.kv_preallocate_bytes(20 * GiB, holders=3) == 5 * GiB
     assert runtime.kv_preallocate_bytes(20 * GiB, holders=9) == 2 * GiB
     assert runtime.kv_preallocate_bytes(4 * GiB, holders=1) == 2 * GiB
+    assert runtime.kv_preallocate_bytes(GiB, holders=3) == GiB  # never more than is free
     assert runtime.kv_preallocate_bytes(None, holders=1) == 2 * GiB
 
 
@@ -171,7 +174,134 @@ def test_a_kept_conversation_gets_room_for_more_turns_within_free_memory(
     prompt, cfg = Prompt(list(range(100, 120)), 5), SamplingConfig(temperature=0.0)
     for free_tokens in (None, 40, 10_000):
         memory = None if free_tokens is None else free_tokens * model.kv_bytes_per_token
-        bounded = dataclasses.replace(model, memory_free_at_load=memory)
+        bounded = dataclasses.replace(
+            model, memory_free_at_load=memory, kv_ledger=runtime.KvLedger()
+        )
         for _ in engine.generate(bounded, prompt, cfg, cache=engine.PrefixCache(1)):
             pass
     assert made == [25 + engine.CACHE_HEADROOM, 40, 25 + engine.CACHE_HEADROOM]
+
+
+def test_the_ledger_counts_each_generator_from_its_creation_until_it_is_freed(
+    model: runtime.LoadedModel,
+) -> None:
+    per_token, ledger = model.kv_bytes_per_token, runtime.KvLedger()
+    counted = dataclasses.replace(model, kv_ledger=ledger)
+    lone = engine._new_generator(counted, 100, 1)
+    batch = engine._new_generator(counted, 30, 2)
+    assert (ledger.in_use, ledger.generators) == (160 * per_token, 2)
+    del lone
+    assert (ledger.in_use, ledger.generators) == (60 * per_token, 1)
+    cache = engine.PrefixCache(1)
+    work = engine.generate(counted, Prompt(list(range(100, 120)), 5), SamplingConfig(), None, cache)
+    claimed = ledger.in_use - 60 * per_token  # when the request starts, not at its first step
+    assert claimed == (25 + engine.CACHE_HEADROOM) * per_token
+    list(work)
+    del batch
+    assert ledger.in_use == claimed  # the conversation's generator is kept for the next turn
+    cache.clear()
+    assert (ledger.in_use, ledger.generators) == (0, 0)
+
+
+def _item(prompt_tokens: int, max_tokens: int) -> engine.BatchItem:
+    return engine.BatchItem(
+        Prompt(list(range(100, 100 + prompt_tokens)), max_tokens), SamplingConfig()
+    )
+
+
+def test_a_start_fits_beside_the_live_caches_after_dropping_kept_ones_it_cannot_use(
+    model: runtime.LoadedModel,
+) -> None:
+    """Memory for 500 tokens of KV; a kept conversation of 300 tokens (``PrefixCache.warm``)."""
+    per_token = model.kv_bytes_per_token
+    budget = dataclasses.replace(
+        model,
+        memory_free_at_load=500 * per_token,
+        kv_preallocate_bytes=300 * per_token,
+        kv_ledger=runtime.KvLedger(),
+    )
+    ledger, cache = budget.kv_ledger, engine.PrefixCache(1)
+    assert ledger is not None
+    loop = _EngineLoop(None, Limits(), budget, cache, EngineStats(), None, False)
+    cache.warm(budget)
+    assert ledger.in_use == 300 * per_token
+    assert loop._kv_fits([_item(20, 200)])  # runs on the kept generator
+    assert ledger.in_use == 300 * per_token
+    assert loop._kv_fits([_item(20, 330)])  # too long for it: it goes
+    assert ledger.in_use == 0
+    cache.warm(budget)
+    assert loop._kv_fits([_item(20, 200)] * 2)  # a batch of 440 tokens does not use it
+    assert ledger.in_use == 0
+    cache.warm(budget)
+    running = engine._new_generator(budget, 200, 1)
+    assert loop._kv_fits([_item(20, 200)])
+    assert not loop._kv_fits([_item(20, 330)])  # 200 running + 350 > 500, even without the kept
+    assert ledger.in_use == 200 * per_token
+    del running
+    assert loop._kv_fits([_item(20, 330)])
+
+
+@pytest.mark.parametrize("free_tokens", [300, 1000])
+def test_a_request_whose_kv_cache_does_not_fit_beside_a_running_one_waits_for_it(
+    tiny_int4: Path, model: runtime.LoadedModel, monkeypatch: pytest.MonkeyPatch, free_tokens: int
+) -> None:
+    """Two requests of about 216 tokens each, sent together, that cannot batch (a prefill cap of
+    1 token): with memory for 300 tokens of KV the second starts only once the first has ended;
+    with memory for 1000 they run side by side."""
+    monkeypatch.setattr(runtime, "available_memory", lambda: free_tokens * model.kv_bytes_per_token)
+    order: list[tuple[str, int]] = []
+    generate = engine.generate
+
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        number = sum(event == "start" for event, _ in order)
+        order.append(("start", number))
+        work = generate(*args, **kwargs)  # claims its generator now, as the engine's call does
+
+        def steps() -> Any:
+            try:
+                yield from work
+            finally:
+                order.append(("end", number))
+
+        return steps()
+
+    monkeypatch.setattr(engine, "generate", traced)
+    request = {"messages": [{"role": "user", "content": "Tell me about foxes."}], "max_tokens": 200}
+    core = EngineCore(
+        tiny_int4,
+        EngineOptions(threads=1, kv_cache_entries=0),
+        Limits(batch_prefill_tokens=1),
+    )
+    try:
+        jobs = [ChatRequest.model_validate({**request, "logit_bias": NO_END}) for _ in range(2)]
+        tickets = [core.submit([job]) for job in jobs]
+        events = [list(ticket.events()) for ticket in tickets]
+        assert all(isinstance(e[-1], Finished) for e in events)
+        assert core.stats.held_for_memory == (1 if free_tokens == 300 else 0)
+    finally:
+        core.close()
+    if free_tokens == 300:
+        assert order == [("start", 0), ("end", 0), ("start", 1), ("end", 1)]
+    else:
+        assert order[:2] == [("start", 0), ("start", 1)]
+
+
+def test_a_generator_that_cannot_be_made_fails_its_request_and_the_engine_goes_on(
+    tiny_int4: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    new_generator = engine._new_generator
+
+    def allocate(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("could not allocate the KV cache")
+        return new_generator(*args)
+
+    monkeypatch.setattr(engine, "_new_generator", allocate)
+    messages = [UserMessage("Hi")]
+    with ChatCompletionsClient(tiny_int4, threads=1, kv_cache_entries=0) as client:
+        with pytest.raises(ApiError) as info:
+            client.complete(messages=messages, max_tokens=3)
+        assert (info.value.status, info.value.code) == (500, "internal_error")
+        assert client.complete(messages=messages, max_tokens=3).usage.completion_tokens > 0
