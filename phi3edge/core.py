@@ -464,48 +464,20 @@ class _EngineLoop:
         self.prefix_cache = prefix_cache
         self.stats = stats
         self.on_stats = on_stats
+        self.running = True  # False once ``close`` has been asked for
 
     def run(self) -> None:
         waiting: deque[_Unit] = deque()
         batches: list[_Batch] = []
-        running = True
-        while running or waiting or batches:
-            if batches:
-                wait: float | None = 0.0
-            elif waiting:  # let requests sent at the same moment arrive and batch together
-                wait = max(0.0, waiting[0].job.arrived + BATCH_WINDOW_S - time.monotonic())
-            else:
-                wait = None
-            running = running and self._take_arrivals(waiting, wait)
-            if not running:  # closing: whatever is left ends at its next unit of work
-                for unit in [*waiting, *(u for b in batches for u in b.units)]:
-                    unit.job.cancelled.set()
-            self._drop_halted(waiting)
-            while (
-                waiting
-                and len(batches) < self.limits.max_active_batches
-                and (not running or waiting[0].job.arrived + BATCH_WINDOW_S <= time.monotonic())
-            ):
-                batch = self._start_batch(waiting, batches)
-                if batch is None:  # its KV cache waits for a running batch to end
-                    break
-                batches.insert(0, batch)  # ties: newest first
-            if not batches:
-                continue
-            batch = min(batches, key=lambda b: b.used_s)
-            started = time.perf_counter()
+        while self.running or waiting or batches:
             try:
-                more = batch.advance()
-            except Exception:
-                log.exception("engine error; ending the requests of this batch")
-                more = False
-                for unit in batch.units:
+                self._turn(waiting, batches)
+            except Exception:  # a bug outside a unit of work: the engine must not stop with it
+                log.exception("engine error; ending every request it held")
+                for unit in [*waiting, *(u for b in batches for u in b.units)]:
                     self._end(unit.job, Failed(internal_error()))
-            batch.used_s += time.perf_counter() - started
-            self.stats.work_units += 1
-            if not more:
-                batches.remove(batch)
-                self._close_batch(batch)
+                waiting.clear()
+                batches.clear()
         self.prefix_cache.clear()
         while True:  # jobs that arrived while closing
             try:
@@ -514,6 +486,45 @@ class _EngineLoop:
                 return
             if job is not None:
                 self._end(job, Failed(engine_stopped()))
+
+    def _turn(self, waiting: deque[_Unit], batches: list[_Batch]) -> None:
+        """Take arrivals, start the batches that may start, run one unit of work."""
+        if batches:
+            wait: float | None = 0.0
+        elif waiting:  # let requests sent at the same moment arrive and batch together
+            wait = max(0.0, waiting[0].job.arrived + BATCH_WINDOW_S - time.monotonic())
+        else:
+            wait = None
+        self.running = self.running and self._take_arrivals(waiting, wait)
+        if not self.running:  # closing: whatever is left ends at its next unit of work
+            for unit in [*waiting, *(u for b in batches for u in b.units)]:
+                unit.job.cancelled.set()
+        self._drop_halted(waiting)
+        while (
+            waiting
+            and len(batches) < self.limits.max_active_batches
+            and (not self.running or waiting[0].job.arrived + BATCH_WINDOW_S <= time.monotonic())
+        ):
+            batch = self._start_batch(waiting, batches)
+            if batch is None:  # its KV cache waits for a running batch to end
+                break
+            batches.insert(0, batch)  # ties: newest first
+        if not batches:
+            return
+        batch = min(batches, key=lambda b: b.used_s)
+        started = time.perf_counter()
+        try:
+            more = batch.advance()
+        except Exception:
+            log.exception("engine error; ending the requests of this batch")
+            more = False
+            for unit in batch.units:
+                self._end(unit.job, Failed(internal_error()))
+        batch.used_s += time.perf_counter() - started
+        self.stats.work_units += 1
+        if not more:
+            batches.remove(batch)
+            self._close_batch(batch)
 
     def _take_arrivals(self, waiting: deque[_Unit], wait: float | None) -> bool:
         """Prepare every job in the inbox, waiting up to ``wait`` seconds (None: until one

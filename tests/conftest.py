@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -86,5 +87,33 @@ def cli_error(capsys: pytest.CaptureFixture) -> Callable[..., str]:
         assert err[-1].startswith("error: ")
         assert not any(line.startswith(("Traceback", "  File")) for line in err)
         return err[-1]
+
+    return run
+
+
+@pytest.fixture
+def within() -> Callable[..., Any]:
+    """``within(seconds, call)``: ``call()``'s result (or its exception), run on a daemon thread
+    so that a test of the engine's survival fails instead of hanging when the engine is gone and
+    the caller would wait forever."""
+
+    def run(seconds: float, call: Callable[[], Any]) -> Any:
+        outcome: list[Any] = []
+
+        def target() -> None:
+            try:
+                outcome.append((True, call()))
+            except BaseException as exc:  # handed to the test
+                outcome.append((False, exc))
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        thread.join(seconds)
+        if not outcome:
+            pytest.fail(f"no answer within {seconds} s")
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
 
     return run

@@ -367,6 +367,31 @@ def test_a_request_error_does_not_stop_the_engine(make_client: Any) -> None:
     assert info.value.status == 503
 
 
+def test_an_engine_bug_between_units_of_work_ends_the_requests_it_held_not_the_engine(
+    make_client: Any, monkeypatch: pytest.MonkeyPatch, within: Any
+) -> None:
+    """A bug in the engine loop itself (not in a batch's unit of work) fails the requests the
+    loop held with a 500; the engine thread lives on and answers the next request."""
+    from phi3edge.core import _EngineLoop
+
+    real = _EngineLoop._drop_halted
+    broken: list[int] = []
+
+    def drop_halted(self: Any, waiting: Any) -> None:
+        if waiting and not broken:
+            broken.append(1)
+            raise RuntimeError("a bug")
+        real(self, waiting)
+
+    monkeypatch.setattr(_EngineLoop, "_drop_halted", drop_halted)
+    client = make_client()
+    request = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    with pytest.raises(ApiError) as info:
+        within(60, lambda: client.complete(**request))
+    assert (info.value.status, info.value.code) == (500, "internal_error")
+    assert within(60, lambda: client.complete(**request)).choices
+
+
 # ----------------------------------------------------------------------------- over HTTP
 
 
