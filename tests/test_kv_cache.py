@@ -139,20 +139,26 @@ def test_requests_whose_caches_the_memory_cannot_hold_together_do_not_batch(
     assert engine.fits_in_batch(dataclasses.replace(holds, memory_free_at_load=None), items * 2)
 
 
-@pytest.mark.parametrize("kept", [1, 0])
-def test_the_first_conversation_gets_a_generator_allocated_before_it_came(
-    tiny_int4: Path, model: runtime.LoadedModel, monkeypatch: pytest.MonkeyPatch, kept: int
-) -> None:
-    """With conversations kept, the engine allocates one generator as long as the context
-    right after loading, and the first request runs on it; without, the request makes its own."""
-    made: list[int] = []
+@pytest.fixture
+def made(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The max_length of every generator made while the test runs."""
+    lengths: list[int] = []
     new_generator = engine._new_generator
 
     def counted(model: runtime.LoadedModel, max_length: int, *args: Any) -> Any:
-        made.append(max_length)
+        lengths.append(max_length)
         return new_generator(model, max_length, *args)
 
     monkeypatch.setattr(engine, "_new_generator", counted)
+    return lengths
+
+
+@pytest.mark.parametrize("kept", [1, 0])
+def test_the_first_conversation_gets_a_generator_allocated_before_it_came(
+    tiny_int4: Path, model: runtime.LoadedModel, made: list[int], kept: int
+) -> None:
+    """With conversations kept, the engine allocates one generator as long as the context
+    right after loading, and the first request runs on it; without, the request makes its own."""
     with ChatCompletionsClient(tiny_int4, threads=1, kv_cache_entries=kept) as client:
         answer = client.complete(messages=[UserMessage("Hi")], max_tokens=5)
     assert answer.usage.completion_tokens > 0
@@ -161,16 +167,8 @@ def test_the_first_conversation_gets_a_generator_allocated_before_it_came(
 
 
 def test_a_kept_conversation_gets_room_for_more_turns_within_free_memory(
-    model: runtime.LoadedModel, monkeypatch: pytest.MonkeyPatch
+    model: runtime.LoadedModel, made: list[int]
 ) -> None:
-    made: list[int] = []
-    new_generator = engine._new_generator
-
-    def counted(model: runtime.LoadedModel, max_length: int, *args: Any) -> Any:
-        made.append(max_length)
-        return new_generator(model, max_length, *args)
-
-    monkeypatch.setattr(engine, "_new_generator", counted)
     prompt, cfg = Prompt(list(range(100, 120)), 5), SamplingConfig(temperature=0.0)
     for free_tokens in (None, 40, 10_000):
         memory = None if free_tokens is None else free_tokens * model.kv_bytes_per_token
