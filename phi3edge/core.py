@@ -605,7 +605,8 @@ class _EngineLoop:
         cap, padding = self.limits.batch_prefill_tokens, self.limits.batch_padding_pct
         for unit in sorted(waiting, key=lambda u: engine.padding_cost(anchor, u.item())):
             items = [u.item() for u in [*chosen, unit]]
-            if engine.fits_in_batch(self.model, items, cap, padding) and self._kv_fits(items):
+            fits = engine.fits_in_batch(self.model, items, cap, padding)
+            if fits and self._kv_fits(items, drop_kept=False):
                 chosen.append(unit)
                 waiting.remove(unit)
         stats = self.stats
@@ -650,10 +651,11 @@ class _EngineLoop:
             adapter=unit.adapter,
         )
 
-    def _kv_fits(self, items: list[engine.BatchItem]) -> bool:
+    def _kv_fits(self, items: list[engine.BatchItem], drop_kept: bool = True) -> bool:
         """Whether the KV cache that starting ``items`` adds fits beside the live generators'
-        (``runtime.KvLedger``) in the memory free at load; kept conversations the start cannot
-        use are dropped first if that makes room.
+        (``runtime.KvLedger``) in the memory free at load. ``drop_kept``: kept conversations the
+        start cannot use are dropped if that makes room (not to add a request to a batch: the
+        batch's first request then runs alone, and may reuse one).
 
         A lone request, or a batch, never takes more than that memory by itself
         (``prompt.fit_context``, ``engine.fits_in_batch``), so a request that waits starts at
@@ -664,6 +666,8 @@ class _EngineLoop:
         cache = self.prefix_cache
         if ledger.in_use + engine.kv_bytes_to_start(self.model, items, cache) <= budget:
             return True
+        if not drop_kept:
+            return False
         lone = items[0] if len(items) == 1 else None
         if lone is None:
             cache.drop()

@@ -228,7 +228,10 @@ def test_a_start_fits_beside_the_live_caches_after_dropping_kept_ones_it_cannot_
     assert loop._kv_fits([_item(20, 330)])  # too long for it: it goes
     assert ledger.in_use == 0
     cache.warm(budget)
-    assert loop._kv_fits([_item(20, 200)] * 2)  # a batch of 440 tokens does not use it
+    pair = [_item(20, 200)] * 2  # a batch of 440 tokens, which cannot use it
+    assert not loop._kv_fits(pair, drop_kept=False)  # a request is not added to a batch at its cost
+    assert ledger.in_use == 300 * per_token
+    assert loop._kv_fits(pair)
     assert ledger.in_use == 0
     cache.warm(budget)
     running = engine._new_generator(budget, 200, 1)
