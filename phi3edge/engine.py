@@ -227,7 +227,8 @@ def _new_generator(
     request, whose reservation ``prompt.fit_context`` has checked against the memory free at
     load, always preallocates; a batch, whose rows rarely all use their max_tokens, up to
     ``model.kv_preallocate_bytes``. Past ``model.shared_kv_limit`` (older exports of models with
-    a sliding window) it grows.
+    a sliding window) it grows. Either way ``model.kv_ledger`` counts its final size until it is
+    freed.
     """
     import onnxruntime_genai as og
 
