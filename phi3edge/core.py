@@ -672,7 +672,7 @@ class _EngineLoop:
         if lone is None:
             cache.drop()
         else:
-            cache.drop(len(lone.prompt.ids) + lone.prompt.max_new_tokens, lone.adapter)
+            cache.drop(lone.prompt.kv_tokens, lone.adapter)
         return ledger.in_use + engine.kv_bytes_to_start(self.model, items, cache) <= budget
 
     def _held_for_memory(self, unit: _Unit) -> None:

@@ -177,7 +177,8 @@ class PrefixCache:
         """Keep a generator for the base model as long as the context (or as the longest KV
         cache that may be preallocated) before any request: ``take`` hands it to the first
         conversation, which then does not wait for the allocation (onnxruntime-genai zeroes
-        it: 3.2 GB for Phi-3-mini-4k took 6.4 s the first time here, 1.6 s after)."""
+        it: 3.2 GB for Phi-3-mini-4k took 6.4 s the first time here, 1.6 s after, in a run by
+        hand that no script repeats)."""
         if self.entries == 0:
             return
         capacity = min(model.context_length, model.kv_preallocate_bytes // model.kv_bytes_per_token)
@@ -222,8 +223,8 @@ def _new_generator(
     reserves up to prompt + 4096 tokens: Phi-3-mini-4k's whole context, 3.2 GB). Otherwise the
     cache grows step by step: same logits, but every step copies it (0.27x the decode speed at
     2000 tokens of context on full Phi-3-mini, ``runtime.kv_preallocate_bytes``) and the process
-    holds 3-5x the KV (the old and the new cache, and what the heap keeps of earlier ones: 418 MB
-    for 131 MB of KV at 2000 tokens, raw onnxruntime-genai on the mid-size model). So a lone
+    holds 2.7-3.8x the KV (the old and the new cache, and what the heap keeps of earlier ones;
+    ``scripts/bench_kv_memory.py``, README). So a lone
     request, whose reservation ``prompt.fit_context`` has checked against the memory free at
     load, always preallocates; a batch, whose rows rarely all use their max_tokens, up to
     ``model.kv_preallocate_bytes``. Past ``model.shared_kv_limit`` (older exports of models with
@@ -295,7 +296,7 @@ def generate(
     ``stats``).
     """
     params = sampler_params(cfg, model.vocab_size)
-    need = len(prompt.ids) + prompt.max_new_tokens
+    need = prompt.kv_tokens
     if cache is not None and cache.entries > 0:
         claim = cache.take(model, prompt.ids, need, adapter)
     else:
@@ -440,7 +441,7 @@ def kv_bytes_to_start(
     taken only from what is left free, ``PrefixCache.take``, so it is not counted)."""
     if len(items) == 1:
         item = items[0]
-        need = len(item.prompt.ids) + item.prompt.max_new_tokens
+        need = item.prompt.kv_tokens
         if cache is not None and cache.entries > 0 and cache.can_serve(need, item.adapter):
             return 0
         return need * model.kv_bytes_per_token
@@ -456,7 +457,7 @@ def padded_work(items: list[BatchItem]) -> tuple[int, int]:
     longest = max(len(i.prompt.ids) for i in items)
     steps = max(i.prompt.max_new_tokens for i in items)
     padded = sum(i.cfg.n for i in items) * (longest + steps)
-    real = sum(i.cfg.n * (len(i.prompt.ids) + i.prompt.max_new_tokens) for i in items)
+    real = sum(i.cfg.n * i.prompt.kv_tokens for i in items)
     return padded, real
 
 

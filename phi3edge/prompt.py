@@ -40,6 +40,11 @@ class Prompt:
     ids: list[int]
     max_new_tokens: int
 
+    @property
+    def kv_tokens(self) -> int:
+        """Positions its KV cache holds at most: the prompt and every token it may add."""
+        return len(self.ids) + self.max_new_tokens
+
 
 def fold_system_messages(messages: list[Message], accepts_system: bool) -> list[dict[str, str]]:
     """Plain role/content dicts; system (and developer) text moved into the next user turn."""
