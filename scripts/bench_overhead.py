@@ -16,9 +16,10 @@ built once and cached), 128-token prompt, ``--new`` new tokens:
     than the difference measured). Per run and configuration: our rate over raw's and our extra
     time per token; the medians over ``--repeats`` runs.
 Then one traced run of each configuration splits a step into the call that runs the model,
-onnxruntime-genai's other calls, our sampling kernel and the rest of our loop. ``--bare`` also
-measures the bare loop (``bare_loop``), side by side with raw in the same way: the floor of any
-loop that samples with our kernel through onnxruntime-genai's Python API.
+onnxruntime-genai's other calls, our sampling kernel and the rest of our loop, and
+``logits_reads`` times what reading the logits into Python costs right after a model call.
+``--bare`` also measures the bare loop (``bare_loop``), side by side with raw in the same way:
+the floor of any loop that samples with our kernel through onnxruntime-genai's Python API.
 
 ``--against PYTHON``: the same measurement with another installed phi3edge (an older commit
 installed into its own virtualenv), in ``--processes`` child processes per side started
@@ -190,6 +191,32 @@ def traced_step(
     return parts
 
 
+def logits_reads(model: runtime.LoadedModel, ids: list[int], steps: int = 100) -> dict[str, float]:
+    """Milliseconds, medians over ``steps`` decode steps: the first ``get_output("logits")``
+    after a model call, a second read of the same logits, and a numpy copy of the array read.
+
+    The first read is what a loop that samples with its own kernel pays per token on top of raw
+    onnxruntime-genai's (whose search reads the logits in place); the second and the copy show
+    how much of it is the copy itself."""
+    generator = engine._new_generator(model, len(ids) + steps, 1)
+    generator.append_tokens(np.array([ids], dtype=np.int32))
+    times: dict[str, list[float]] = {"first_read_ms": [], "second_read_ms": [], "copy_ms": []}
+    token = np.array([[ids[-1]]], dtype=np.int32)
+    for _ in range(steps - 1):
+        generator.append_tokens(token)
+        started = time.perf_counter()
+        logits = generator.get_output("logits")
+        first = time.perf_counter()
+        generator.get_output("logits")
+        second = time.perf_counter()
+        logits.copy()
+        copied = time.perf_counter()
+        times["first_read_ms"].append(first - started)
+        times["second_read_ms"].append(second - first)
+        times["copy_ms"].append(copied - second)
+    return {name: float(np.median(values)) * 1e3 for name, values in times.items()}
+
+
 def summary(runs: dict[str, list[list[float]]]) -> dict[str, dict[str, float]]:
     """Per configuration: median raw and ours tok/s, median and range of the per-run ratio, and
     the median extra milliseconds per token."""
@@ -256,8 +283,15 @@ def main() -> None:
     headers = ["decode", "tok/s raw / ours", "ours/raw (range)", "extra ms/token", "model call ms"]
     headers += ["other og ms", "kernel ms", "rest ms"]
     print(table(headers, rows))
+    reads = logits_reads(model, ids)
+    print(
+        f"reading the logits after a model call: first get_output {reads['first_read_ms']:.3f} "
+        f"ms, a second read {reads['second_read_ms']:.3f} ms, a numpy copy of them "
+        f"{reads['copy_ms']:.3f} ms (medians of 99 steps)"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_overhead.json").write_text(json.dumps(result, indent=2))
+    output = {**result, "logits_reads": reads}
+    (args.out / "bench_overhead.json").write_text(json.dumps(output, indent=2))
 
 
 def compare(args: Any) -> None:
