@@ -191,18 +191,21 @@ def traced_step(
     return parts
 
 
-def logits_reads(model: runtime.LoadedModel, ids: list[int], steps: int = 100) -> dict[str, float]:
-    """Milliseconds, medians over ``steps`` decode steps: the first ``get_output("logits")``
+READ_STEPS = 99  # decode steps that logits_reads times
+
+
+def logits_reads(model: runtime.LoadedModel, ids: list[int]) -> dict[str, float]:
+    """Milliseconds, medians over ``READ_STEPS`` decode steps: the first ``get_output("logits")``
     after a model call, a second read of the same logits, and a numpy copy of the array read.
 
     The first read is what a loop that samples with its own kernel pays per token on top of raw
     onnxruntime-genai's (whose search reads the logits in place); the second and the copy show
     how much of it is the copy itself."""
-    generator = engine._new_generator(model, len(ids) + steps, 1)
+    generator = engine._new_generator(model, len(ids) + READ_STEPS + 1, 1)
     generator.append_tokens(np.array([ids], dtype=np.int32))
     times: dict[str, list[float]] = {"first_read_ms": [], "second_read_ms": [], "copy_ms": []}
     token = np.array([[ids[-1]]], dtype=np.int32)
-    for _ in range(steps - 1):
+    for _ in range(READ_STEPS):
         generator.append_tokens(token)
         started = time.perf_counter()
         logits = generator.get_output("logits")
@@ -287,7 +290,7 @@ def main() -> None:
     print(
         f"reading the logits after a model call: first get_output {reads['first_read_ms']:.3f} "
         f"ms, a second read {reads['second_read_ms']:.3f} ms, a numpy copy of them "
-        f"{reads['copy_ms']:.3f} ms (medians of 99 steps)"
+        f"{reads['copy_ms']:.3f} ms (medians of {READ_STEPS} steps)"
     )
     args.out.mkdir(parents=True, exist_ok=True)
     output = {**result, "logits_reads": reads}
