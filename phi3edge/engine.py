@@ -454,11 +454,9 @@ def padded_work(items: list[BatchItem]) -> tuple[int, int]:
     prompt plus the largest max_tokens (a static batch steps until its last row ends), against
     the rows' own prompt plus max_tokens. Both cost alike, as prefill and batched decode run
     at about the same tokens/s here (README, batch step costs)."""
-    longest = max(len(i.prompt.ids) for i in items)
-    steps = max(i.prompt.max_new_tokens for i in items)
-    padded = sum(i.cfg.n for i in items) * (longest + steps)
+    rows, length = _batch_shape(items)
     real = sum(i.cfg.n * i.prompt.kv_tokens for i in items)
-    return padded, real
+    return rows * length, real
 
 
 def padding_cost(a: BatchItem, b: BatchItem) -> int:
